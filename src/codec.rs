@@ -1,0 +1,576 @@
+//! Record framing and the multi-group batch body (the byte layout is specified once, in
+//! docs/FORMAT.md).
+//!
+//! A record is a 16-byte header followed by a body. The CRC32C in the header covers the id of the
+//! segment the record lives in, the rest of the header and the stored body, so a record copied
+//! into (or left over in) another segment never passes. Decoding never trusts a length: every
+//! length is checked against the bytes actually present before anything is sliced or allocated.
+
+use crate::options::MAX_RECORD_BYTES;
+
+/// Bytes of a record header.
+pub const RECORD_HEADER_LEN: usize = 16;
+/// Header flag: the body is lz4 block-compressed.
+pub const FLAG_LZ4: u8 = 1;
+
+const OP_APPEND: u8 = 1;
+const OP_TRUNCATE: u8 = 2;
+const OP_PURGE: u8 = 3;
+const OP_PUT: u8 = 4;
+const OP_DELETE: u8 = 5;
+const OP_VOTE: u8 = 6;
+const OP_COMMITTED: u8 = 7;
+const OP_REMOVE_GROUP: u8 = 8;
+
+/// Why a record or body failed to decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Fewer bytes than the structure needs.
+    Truncated,
+    /// The CRC does not match.
+    Checksum,
+    /// A field holds a value the format does not allow.
+    Invalid(&'static str),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Truncated => f.write_str("truncated"),
+            DecodeError::Checksum => f.write_str("checksum mismatch"),
+            DecodeError::Invalid(what) => write!(f, "invalid {what}"),
+        }
+    }
+}
+
+/// Appends `v` as LEB128.
+pub fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+/// Bytes `v` takes as LEB128.
+pub fn varint_len(v: u64) -> usize {
+    let bits = 64 - (v | 1).leading_zeros() as usize;
+    bits.div_ceil(7)
+}
+
+/// A cursor over a byte slice that never reads past its end.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader at the start of `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    /// Current position.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Bytes left.
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Reads one byte.
+    pub fn u8(&mut self) -> Result<u8, DecodeError> {
+        let b = *self.buf.get(self.pos).ok_or(DecodeError::Truncated)?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    /// Reads a LEB128 u64, rejecting overlong or overflowing encodings.
+    pub fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut v: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            let low = u64::from(b & 0x7f);
+            if shift == 63 && low > 1 {
+                return Err(DecodeError::Invalid("varint"));
+            }
+            v |= low << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(DecodeError::Invalid("varint"))
+    }
+
+    /// Reads a varint length and then that many bytes.
+    pub fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let len = self.varint()?;
+        self.take(len)
+    }
+
+    /// Takes `len` bytes.
+    pub fn take(&mut self, len: u64) -> Result<&'a [u8], DecodeError> {
+        if len > self.remaining() as u64 {
+            return Err(DecodeError::Truncated);
+        }
+        let start = self.pos;
+        self.pos += len as usize;
+        Ok(&self.buf[start..self.pos])
+    }
+}
+
+/// A decoded record header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Stored body length.
+    pub body_len: u32,
+    /// CRC32C over segment id, header bytes 8..16 and the stored body.
+    pub crc: u32,
+    /// Flags ([`FLAG_LZ4`]).
+    pub flags: u8,
+    /// Length of the body once decompressed (equal to `body_len` when not compressed).
+    pub raw_len: u32,
+}
+
+impl RecordHeader {
+    /// Parses a header; `None` if the 16 bytes are all zero (the clean end of a segment).
+    pub fn parse(b: &[u8; RECORD_HEADER_LEN]) -> Result<Option<RecordHeader>, DecodeError> {
+        if b.iter().all(|&x| x == 0) {
+            return Ok(None);
+        }
+        let h = RecordHeader {
+            body_len: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            crc: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            flags: b[8],
+            raw_len: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+        };
+        if h.body_len == 0 || u64::from(h.body_len) > MAX_RECORD_BYTES {
+            return Err(DecodeError::Invalid("record length"));
+        }
+        if u64::from(h.raw_len) > MAX_RECORD_BYTES || h.raw_len == 0 {
+            return Err(DecodeError::Invalid("record raw length"));
+        }
+        if h.flags & !FLAG_LZ4 != 0 || b[9] != 0 || b[10] != 0 || b[11] != 0 {
+            return Err(DecodeError::Invalid("record flags"));
+        }
+        if h.flags & FLAG_LZ4 == 0 && h.raw_len != h.body_len {
+            return Err(DecodeError::Invalid("record raw length"));
+        }
+        Ok(Some(h))
+    }
+
+    /// Total bytes of the record, header included.
+    pub fn record_len(&self) -> u64 {
+        RECORD_HEADER_LEN as u64 + u64::from(self.body_len)
+    }
+}
+
+/// CRC of a record in segment `segment`: covers the segment id, `tail` = header bytes 8..16 and
+/// the stored body. `crc_tail` is `crc32c(tail)`, computed where the segment is not yet known.
+pub fn record_crc(segment: u64, crc_tail: u32, tail_len: usize) -> u32 {
+    let seed = crc32c::crc32c(&segment.to_le_bytes());
+    crc32c::crc32c_combine(seed, crc_tail, tail_len)
+}
+
+/// Checks a whole record (header + stored body) read from segment `segment` and returns its raw
+/// (decompressed) body.
+pub fn verify_record<'a>(
+    segment: u64,
+    header: &RecordHeader,
+    record: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>, DecodeError> {
+    if record.len() as u64 != header.record_len() {
+        return Err(DecodeError::Truncated);
+    }
+    let tail = &record[8..];
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&segment.to_le_bytes()), tail);
+    if crc != header.crc {
+        return Err(DecodeError::Checksum);
+    }
+    let body = &record[RECORD_HEADER_LEN..];
+    if header.flags & FLAG_LZ4 != 0 {
+        let raw = lz4_flex::block::decompress(body, header.raw_len as usize)
+            .map_err(|_| DecodeError::Invalid("lz4 block"))?;
+        if raw.len() != header.raw_len as usize {
+            return Err(DecodeError::Invalid("lz4 block length"));
+        }
+        Ok(std::borrow::Cow::Owned(raw))
+    } else {
+        Ok(std::borrow::Cow::Borrowed(body))
+    }
+}
+
+/// Where an entry's payload sits inside a record's raw body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntrySpan {
+    /// Offset in the raw body.
+    pub off: u32,
+    /// Payload length.
+    pub len: u32,
+}
+
+/// One operation of a batch, as decoded from a raw body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op<'a> {
+    /// Entries `first..first + spans.len()` of `group`.
+    Append {
+        /// Group id.
+        group: u64,
+        /// Index of the first entry.
+        first: u64,
+        /// Payload positions in the raw body.
+        spans: Vec<EntrySpan>,
+    },
+    /// Remove entries `index..`.
+    Truncate {
+        /// Group id.
+        group: u64,
+        /// First index removed.
+        index: u64,
+    },
+    /// Remove entries `..=index`.
+    Purge {
+        /// Group id.
+        group: u64,
+        /// Last index removed.
+        index: u64,
+    },
+    /// Set a key.
+    Put {
+        /// Group id.
+        group: u64,
+        /// Key.
+        key: &'a [u8],
+        /// Value.
+        value: &'a [u8],
+    },
+    /// Delete a key.
+    Delete {
+        /// Group id.
+        group: u64,
+        /// Key.
+        key: &'a [u8],
+    },
+    /// Set the vote.
+    Vote {
+        /// Group id.
+        group: u64,
+        /// Opaque vote bytes.
+        value: &'a [u8],
+    },
+    /// Set the committed marker.
+    Committed {
+        /// Group id.
+        group: u64,
+        /// Opaque committed bytes.
+        value: &'a [u8],
+    },
+    /// Drop the whole group.
+    RemoveGroup {
+        /// Group id.
+        group: u64,
+    },
+}
+
+/// Decodes a raw body into its operations. Entry spans are checked to lie inside the payload
+/// area, in order and without overlap.
+pub fn decode_body(raw: &[u8]) -> Result<Vec<Op<'_>>, DecodeError> {
+    if raw.len() > u32::MAX as usize {
+        return Err(DecodeError::Invalid("body length"));
+    }
+    let mut r = Reader::new(raw);
+    let count = r.varint()?;
+    // Every op takes at least two bytes: a bound that keeps the allocation honest.
+    if count > r.remaining() as u64 / 2 {
+        return Err(DecodeError::Invalid("op count"));
+    }
+    let mut ops = Vec::with_capacity(count as usize);
+    let mut payload_total: u64 = 0;
+    for _ in 0..count {
+        let tag = r.u8()?;
+        let group = r.varint()?;
+        let op = match tag {
+            OP_APPEND => {
+                let first = r.varint()?;
+                let n = r.varint()?;
+                if n == 0 || n > r.remaining() as u64 {
+                    return Err(DecodeError::Invalid("entry count"));
+                }
+                if first.checked_add(n - 1).is_none() {
+                    return Err(DecodeError::Invalid("entry index"));
+                }
+                let mut spans = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let len = r.varint()?;
+                    if len > u64::from(u32::MAX) {
+                        return Err(DecodeError::Invalid("entry length"));
+                    }
+                    // Offsets are fixed up below, once the payload area's start is known.
+                    spans.push(EntrySpan {
+                        off: payload_total as u32,
+                        len: len as u32,
+                    });
+                    payload_total += len;
+                    if payload_total > raw.len() as u64 {
+                        return Err(DecodeError::Invalid("entry length"));
+                    }
+                }
+                Op::Append {
+                    group,
+                    first,
+                    spans,
+                }
+            }
+            OP_TRUNCATE => Op::Truncate {
+                group,
+                index: r.varint()?,
+            },
+            OP_PURGE => Op::Purge {
+                group,
+                index: r.varint()?,
+            },
+            OP_PUT => {
+                let key = r.bytes()?;
+                let value = r.bytes()?;
+                Op::Put { group, key, value }
+            }
+            OP_DELETE => Op::Delete {
+                group,
+                key: r.bytes()?,
+            },
+            OP_VOTE => Op::Vote {
+                group,
+                value: r.bytes()?,
+            },
+            OP_COMMITTED => Op::Committed {
+                group,
+                value: r.bytes()?,
+            },
+            OP_REMOVE_GROUP => Op::RemoveGroup { group },
+            _ => return Err(DecodeError::Invalid("op tag")),
+        };
+        ops.push(op);
+    }
+    let base = r.pos() as u64;
+    if base + payload_total != raw.len() as u64 {
+        return Err(DecodeError::Invalid("payload area length"));
+    }
+    for op in &mut ops {
+        if let Op::Append { spans, .. } = op {
+            for s in spans.iter_mut() {
+                s.off += base as u32;
+            }
+        }
+    }
+    Ok(ops)
+}
+
+/// Builds the ops section and payload area of a batch body.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct BodyBuilder {
+    pub(crate) op_count: u64,
+    pub(crate) ops: Vec<u8>,
+    pub(crate) payload: Vec<u8>,
+}
+
+impl BodyBuilder {
+    pub(crate) fn append<E: AsRef<[u8]>>(
+        &mut self,
+        group: u64,
+        first: u64,
+        entries: impl IntoIterator<Item = E>,
+        lens: &mut Vec<u32>,
+    ) -> Result<(), &'static str> {
+        let start = lens.len();
+        let mut tmp_lens = Vec::new();
+        for e in entries {
+            let e = e.as_ref();
+            if e.len() as u64 > MAX_RECORD_BYTES {
+                return Err("entry larger than the largest record");
+            }
+            tmp_lens.push(e.len() as u32);
+            self.payload.extend_from_slice(e);
+        }
+        if tmp_lens.is_empty() {
+            return Ok(());
+        }
+        self.op_count += 1;
+        self.ops.push(OP_APPEND);
+        put_varint(&mut self.ops, group);
+        put_varint(&mut self.ops, first);
+        put_varint(&mut self.ops, tmp_lens.len() as u64);
+        for &l in &tmp_lens {
+            put_varint(&mut self.ops, u64::from(l));
+        }
+        lens.extend_from_slice(&tmp_lens);
+        debug_assert!(lens.len() > start);
+        Ok(())
+    }
+
+    pub(crate) fn index_op(&mut self, tag: u8, group: u64, index: u64) {
+        self.op_count += 1;
+        self.ops.push(tag);
+        put_varint(&mut self.ops, group);
+        put_varint(&mut self.ops, index);
+    }
+
+    pub(crate) fn bytes_op(&mut self, tag: u8, group: u64, fields: &[&[u8]]) {
+        self.op_count += 1;
+        self.ops.push(tag);
+        put_varint(&mut self.ops, group);
+        for f in fields {
+            put_varint(&mut self.ops, f.len() as u64);
+            self.ops.extend_from_slice(f);
+        }
+    }
+
+    pub(crate) fn remove_group(&mut self, group: u64) {
+        self.op_count += 1;
+        self.ops.push(OP_REMOVE_GROUP);
+        put_varint(&mut self.ops, group);
+    }
+
+    /// Offset of the payload area in the raw body.
+    pub(crate) fn payload_base(&self) -> usize {
+        varint_len(self.op_count) + self.ops.len()
+    }
+
+    pub(crate) fn raw_len(&self) -> usize {
+        self.payload_base() + self.payload.len()
+    }
+
+    /// Encodes the record: header (CRC left for [`seal_record`]) and body, compressed when the
+    /// raw body is at least `threshold` bytes and lz4 saves at least an eighth. Returns the
+    /// record bytes and the CRC of bytes 8.. (the part that does not depend on the segment).
+    pub(crate) fn encode(&self, threshold: usize) -> (Vec<u8>, u32) {
+        let raw_len = self.raw_len();
+        let mut out = Vec::with_capacity(RECORD_HEADER_LEN + raw_len);
+        out.resize(RECORD_HEADER_LEN, 0);
+        let mut flags = 0u8;
+        if raw_len >= threshold {
+            let mut raw = Vec::with_capacity(raw_len);
+            put_varint(&mut raw, self.op_count);
+            raw.extend_from_slice(&self.ops);
+            raw.extend_from_slice(&self.payload);
+            let compressed = lz4_flex::block::compress(&raw);
+            if compressed.len() < raw_len - raw_len / 8 {
+                out.extend_from_slice(&compressed);
+                flags = FLAG_LZ4;
+            } else {
+                out.extend_from_slice(&raw);
+            }
+        } else {
+            put_varint(&mut out, self.op_count);
+            out.extend_from_slice(&self.ops);
+            out.extend_from_slice(&self.payload);
+        }
+        let body_len = (out.len() - RECORD_HEADER_LEN) as u32;
+        out[0..4].copy_from_slice(&body_len.to_le_bytes());
+        out[8] = flags;
+        out[12..16].copy_from_slice(&(raw_len as u32).to_le_bytes());
+        let crc_tail = crc32c::crc32c(&out[8..]);
+        (out, crc_tail)
+    }
+}
+
+/// Op tags used by the batch builder.
+pub(crate) mod tag {
+    pub(crate) const TRUNCATE: u8 = super::OP_TRUNCATE;
+    pub(crate) const PURGE: u8 = super::OP_PURGE;
+    pub(crate) const PUT: u8 = super::OP_PUT;
+    pub(crate) const DELETE: u8 = super::OP_DELETE;
+    pub(crate) const VOTE: u8 = super::OP_VOTE;
+    pub(crate) const COMMITTED: u8 = super::OP_COMMITTED;
+}
+
+/// Writes the segment-dependent CRC into an encoded record.
+pub(crate) fn seal_record(record: &mut [u8], segment: u64, crc_tail: u32) {
+    let crc = record_crc(segment, crc_tail, record.len() - 8);
+    record[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(threshold: usize) {
+        let mut b = BodyBuilder::default();
+        let mut lens = Vec::new();
+        b.append(
+            7,
+            10,
+            [b"hello".as_slice(), b"world!".as_slice()],
+            &mut lens,
+        )
+        .unwrap();
+        b.index_op(tag::PURGE, 7, 3);
+        b.bytes_op(tag::PUT, 9, &[b"k", b"v"]);
+        b.remove_group(11);
+        b.append(8, 1, [vec![42u8; 20000]], &mut lens).unwrap();
+        let (mut rec, crc_tail) = b.encode(threshold);
+        seal_record(&mut rec, 5, crc_tail);
+        let mut h = [0u8; RECORD_HEADER_LEN];
+        h.copy_from_slice(&rec[..RECORD_HEADER_LEN]);
+        let header = RecordHeader::parse(&h).unwrap().unwrap();
+        assert_eq!(header.flags & FLAG_LZ4 != 0, threshold < 1000);
+        let raw = verify_record(5, &header, &rec).unwrap();
+        let ops = decode_body(&raw).unwrap();
+        assert_eq!(ops.len(), 5);
+        match &ops[0] {
+            Op::Append {
+                group: 7,
+                first: 10,
+                spans,
+            } => {
+                let s = spans[1];
+                assert_eq!(&raw[s.off as usize..(s.off + s.len) as usize], b"world!");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(
+            ops[2],
+            Op::Put {
+                group: 9,
+                key: b"k",
+                value: b"v"
+            }
+        );
+        // The same bytes in another segment fail.
+        assert_eq!(verify_record(6, &header, &rec), Err(DecodeError::Checksum));
+    }
+
+    #[test]
+    fn record_roundtrip_raw_and_lz4() {
+        roundtrip(usize::MAX);
+        roundtrip(100);
+    }
+
+    #[test]
+    fn varints() {
+        for v in [0u64, 1, 127, 128, 300, u32::MAX as u64, u64::MAX] {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            assert_eq!(b.len(), varint_len(v));
+            assert_eq!(Reader::new(&b).varint().unwrap(), v);
+        }
+        assert!(Reader::new(&[0xff; 11]).varint().is_err());
+        assert!(Reader::new(&[0x80]).varint().is_err());
+    }
+
+    #[test]
+    fn garbage_bodies_never_panic() {
+        let mut seed = 0x1234_5678_u64;
+        for len in 0..400 {
+            let mut buf = vec![0u8; len];
+            for b in buf.iter_mut() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                *b = seed as u8;
+            }
+            let _ = decode_body(&buf);
+        }
+    }
+}

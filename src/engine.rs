@@ -1,0 +1,824 @@
+//! The public [`Engine`]: opening and recovery, the write path (validate, frame, one positioned
+//! write, apply to the index, group commit), reads, garbage collection and shutdown.
+//!
+//! Invariants:
+//! - One writer at a time holds the log lock: batches get their position and sequence number in
+//!   the order they are applied to the index, and validation sees every earlier batch.
+//! - A batch is applied to the index only after its bytes were written to the segment, so a
+//!   reader that finds an entry can read it; a write is acknowledged only after the fsync that
+//!   covers it (see `commit`).
+//! - A segment receives records only once the previous one has been fsynced.
+//! - A segment is deleted only after a durable checkpoint covers it and no group references it.
+//! - After a failed write or fsync the engine is poisoned and accepts no more writes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range as StdRange;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::batch::{Item, WriteBatch};
+use crate::checkpoint::{Checkpoint, GroupMeta};
+use crate::codec::{seal_record, verify_record, RecordHeader, RECORD_HEADER_LEN};
+use crate::commit::{Callback, Commit, Syncer};
+use crate::error::{Error, Result};
+use crate::fs::{DirLock, FileSystem, FsFile};
+use crate::index::{EntryLoc, Group, Groups, Range, Run};
+use crate::options::{Options, MAX_RECORD_BYTES};
+use crate::recovery::{recover, RecoveryReport};
+use crate::segment::{create_segment, segment_name, SEGMENT_HEADER_LEN};
+
+/// Name of the lock file in the data directory.
+pub const LOCK_NAME: &str = "LOCK";
+
+/// A handle on an open engine. Cheap to clone; the engine shuts down (its background threads
+/// stop, pending callbacks are completed, the directory lock is released) when the last clone is
+/// dropped.
+#[derive(Clone)]
+pub struct Engine {
+    handle: Arc<Handle>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("dir", &self.handle.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Handle {
+    inner: Arc<Inner>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.inner.commit.shutdown();
+        if let Some(h) = self.flusher.take() {
+            let _ = h.join();
+        }
+        let mut log = self.inner.log.lock();
+        if let Some(h) = log.preparing.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+type Prepared = JoinHandle<Result<Arc<dyn FsFile>>>;
+
+struct LogWriter {
+    segment: u64,
+    file: Arc<dyn FsFile>,
+    offset: u64,
+    written: u64,
+    preparing: Option<Prepared>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    opts: Options,
+    fs: Arc<dyn FileSystem>,
+    groups: Groups,
+    segments: RwLock<BTreeMap<u64, Arc<dyn FsFile>>>,
+    log: Mutex<LogWriter>,
+    commit: Commit,
+    gc_lock: Mutex<()>,
+    report: RecoveryReport,
+    _lock: Box<dyn DirLock>,
+}
+
+/// What one call of [`Engine::gc`] did and found.
+#[derive(Debug, Clone, Default)]
+pub struct GcReport {
+    /// Segments deleted.
+    pub deleted_segments: Vec<u64>,
+    /// Bytes of the deleted segment files.
+    pub freed_bytes: u64,
+    /// Groups rewritten into the newest segment so that an old segment could go.
+    pub rewritten_groups: Vec<u64>,
+    /// Segments still on disk after this call.
+    pub live_segments: usize,
+    /// Groups that keep old segments alive, oldest first: `(group, oldest segment it
+    /// references, its live entries)`. Purging (compacting) these groups lets GC go further.
+    pub holders: Vec<(u64, u64, u64)>,
+}
+
+/// Counters describing the engine's state.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Groups known.
+    pub groups: usize,
+    /// Entries indexed across all groups.
+    pub entries: u64,
+    /// Heap bytes of the entry index (positions and runs), excluding the group maps themselves.
+    pub index_bytes: u64,
+    /// Segment files on disk.
+    pub segments: usize,
+    /// Id of the segment receiving writes.
+    pub active_segment: u64,
+    /// Batches written since open.
+    pub written_batches: u64,
+    /// Batches known durable since open.
+    pub synced_batches: u64,
+}
+
+impl Syncer for Inner {
+    fn sync_active(&self) -> Result<u64> {
+        let (file, target) = {
+            let log = self.log.lock();
+            (log.file.clone(), log.written)
+        };
+        file.sync_data()
+            .map_err(|e| Error::io("fdatasync of the active segment", e))?;
+        Ok(target)
+    }
+}
+
+fn validate(groups: &Groups, batch: &WriteBatch) -> Result<()> {
+    if let Some(e) = &batch.invalid {
+        return Err(Error::InvalidArgument(e.clone()));
+    }
+    let mut overlay: HashMap<u64, Range> = HashMap::new();
+    for item in &batch.items {
+        let group = item.group();
+        let range = overlay.entry(group).or_insert_with(|| {
+            groups
+                .read(group, |g| g.entries.range())
+                .unwrap_or_default()
+        });
+        match item {
+            Item::Append { first, count, .. } => {
+                range
+                    .check_append(*first, *count as u64)
+                    .map_err(|e| Error::InvalidArgument(format!("group {group}: {e}")))?;
+                range.append(*first, *count as u64);
+            }
+            Item::Truncate { index, .. } => range.truncate_from(*index),
+            Item::Purge { index, .. } => range.purge_to(*index),
+            Item::RemoveGroup { .. } => *range = Range::default(),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn apply(groups: &Groups, batch: &WriteBatch, segment: u32, rec_off: u32, rec_len: u32) {
+    for item in &batch.items {
+        let group = item.group();
+        let mut shard = groups.shard(group).write();
+        match item {
+            Item::Append {
+                first,
+                lens_at,
+                count,
+                payload_at,
+                ..
+            } => {
+                let spans = batch.spans(*lens_at, *count, *payload_at);
+                let run = Run {
+                    first: *first,
+                    segment,
+                    rec_off,
+                    rec_len,
+                };
+                shard
+                    .entry(group)
+                    .or_default()
+                    .entries
+                    .append(*first, run, &spans);
+            }
+            Item::Truncate { index, .. } => shard
+                .entry(group)
+                .or_default()
+                .entries
+                .truncate_from(*index),
+            Item::Purge { index, .. } => shard.entry(group).or_default().entries.purge_to(*index),
+            Item::Put { key, value, .. } => {
+                shard
+                    .entry(group)
+                    .or_default()
+                    .kv
+                    .insert(key.clone(), value.clone());
+            }
+            Item::Delete { key, .. } => {
+                shard.entry(group).or_default().kv.remove(key);
+            }
+            Item::Vote { value, .. } => shard.entry(group).or_default().vote = Some(value.clone()),
+            Item::Committed { value, .. } => {
+                shard.entry(group).or_default().committed = Some(value.clone())
+            }
+            Item::RemoveGroup { .. } => {
+                shard.remove(&group);
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn check_poison(&self) -> Result<()> {
+        match self.commit.poisoned() {
+            Some(reason) => Err(Error::Poisoned { reason }),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&self, err: Error) -> Error {
+        self.commit.poison(err.to_string());
+        err
+    }
+
+    fn prepare(&self, id: u64) -> Prepared {
+        let fs = self.fs.clone();
+        let dir = self.dir.clone();
+        let size = self.opts.segment_size;
+        let prefill = self.opts.prefill_segments;
+        std::thread::spawn(move || create_segment(fs.as_ref(), &dir, id, size, prefill))
+    }
+
+    /// Seals the active segment (fsync) and switches to the next one. Called with the log lock.
+    fn rotate(&self, log: &mut LogWriter) -> Result<()> {
+        let next_id = log.segment + 1;
+        let next = match log.preparing.take() {
+            Some(h) => match h.join() {
+                Ok(Ok(file)) => Ok(file),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(Error::io(
+                    "preparing the next segment",
+                    std::io::Error::other("segment preparation thread panicked"),
+                )),
+            },
+            None => Err(Error::InvalidArgument(String::new())),
+        };
+        let file = match next {
+            Ok(f) => f,
+            // Prepare failed (or was never started): try once more inline. A leftover file of
+            // that id is garbage from the failed attempt.
+            Err(_) => {
+                let _ = self.fs.remove(&self.dir.join(segment_name(next_id)));
+                create_segment(
+                    self.fs.as_ref(),
+                    &self.dir,
+                    next_id,
+                    self.opts.segment_size,
+                    self.opts.prefill_segments,
+                )?
+            }
+        };
+        if next_id > u64::from(u32::MAX) {
+            return Err(self.fail(Error::InvalidArgument("segment ids exhausted".into())));
+        }
+        if let Err(e) = log.file.sync_data() {
+            return Err(self.fail(Error::io(
+                format!("fdatasync of segment {} before rotation", log.segment),
+                e,
+            )));
+        }
+        self.commit.mark_synced(log.written);
+        self.segments.write().insert(next_id, file.clone());
+        log.segment = next_id;
+        log.file = file;
+        log.offset = SEGMENT_HEADER_LEN;
+        log.preparing = Some(self.prepare(next_id + 1));
+        Ok(())
+    }
+
+    /// Writes a batch and applies it to the index; returns its sequence number. Called with the
+    /// log lock held.
+    fn write_locked(
+        &self,
+        log: &mut LogWriter,
+        batch: &WriteBatch,
+        record: &mut [u8],
+        crc_tail: u32,
+    ) -> Result<u64> {
+        self.check_poison()?;
+        validate(&self.groups, batch)?;
+        let len = record.len() as u64;
+        if log.offset > SEGMENT_HEADER_LEN && log.offset + len > self.opts.segment_size {
+            self.rotate(log)?;
+        }
+        seal_record(record, log.segment, crc_tail);
+        if let Err(e) = log.file.write_all_at(record, log.offset) {
+            let err = Error::io(format!("writing to segment {}", log.segment), e);
+            if matches!(err, Error::NoSpace { .. }) {
+                // Cut whatever prefix reached the file so that no partial record stays behind the
+                // next one; if even that fails, the segment's tail is unknown: poison.
+                if log.file.set_len(log.offset).is_ok() {
+                    return Err(err);
+                }
+            }
+            return Err(self.fail(err));
+        }
+        apply(
+            &self.groups,
+            batch,
+            log.segment as u32,
+            log.offset as u32,
+            len as u32,
+        );
+        log.offset += len;
+        log.written += 1;
+        Ok(log.written)
+    }
+
+    fn submit(&self, batch: &WriteBatch) -> Result<u64> {
+        if batch.is_empty() {
+            return Ok(self.log.lock().written);
+        }
+        if let Some(e) = &batch.invalid {
+            return Err(Error::InvalidArgument(e.clone()));
+        }
+        if batch.body.raw_len() as u64 + RECORD_HEADER_LEN as u64 > MAX_RECORD_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "batch of {} bytes exceeds the largest record ({MAX_RECORD_BYTES} bytes)",
+                batch.body.raw_len()
+            )));
+        }
+        let (mut record, crc_tail) = batch.body.encode(self.opts.compression_threshold);
+        let mut log = self.log.lock();
+        self.write_locked(&mut log, batch, &mut record, crc_tail)
+    }
+
+    fn segment_file(&self, id: u32) -> Result<Arc<dyn FsFile>> {
+        self.segments
+            .read()
+            .get(&u64::from(id))
+            .cloned()
+            .ok_or(Error::MissingSegment {
+                segment: u64::from(id),
+            })
+    }
+
+    /// Reads and checks the record at `run`, returning its raw body.
+    fn read_record(&self, file: &dyn FsFile, run: &Run) -> Result<Vec<u8>> {
+        let seg = u64::from(run.segment);
+        let mut buf = vec![0u8; run.rec_len as usize];
+        file.read_exact_at(&mut buf, u64::from(run.rec_off))
+            .map_err(|e| Error::io(format!("reading segment {seg} at {}", run.rec_off), e))?;
+        let mut hb = [0u8; RECORD_HEADER_LEN];
+        hb.copy_from_slice(&buf[..RECORD_HEADER_LEN]);
+        let corrupt = |reason: String| Error::corruption(seg, u64::from(run.rec_off), reason);
+        let header = RecordHeader::parse(&hb)
+            .map_err(|e| corrupt(format!("record header: {e}")))?
+            .ok_or_else(|| corrupt("record header is zero".into()))?;
+        let raw = verify_record(seg, &header, &buf).map_err(|e| corrupt(format!("record: {e}")))?;
+        Ok(match raw {
+            std::borrow::Cow::Owned(v) => v,
+            std::borrow::Cow::Borrowed(_) => {
+                buf.drain(..RECORD_HEADER_LEN);
+                buf
+            }
+        })
+    }
+
+    fn slice(raw: &[u8], loc: &EntryLoc, seg: u32) -> Result<Vec<u8>> {
+        let start = loc.span.off as usize;
+        let end = start + loc.span.len as usize;
+        raw.get(start..end).map(<[u8]>::to_vec).ok_or_else(|| {
+            Error::corruption(
+                u64::from(seg),
+                u64::from(loc.run.rec_off),
+                "entry outside its record",
+            )
+        })
+    }
+}
+
+impl Engine {
+    /// Opens (creating if needed) the engine in `dir`, recovering whatever it holds.
+    ///
+    /// Takes an exclusive lock on `dir/LOCK`: a second open of the same directory, from this
+    /// process or another, fails with [`Error::Locked`] until this engine is dropped.
+    pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Engine> {
+        options.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        let fs = options.file_system.clone();
+        fs.create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {dir:?}"), e))?;
+        let lock_path = dir.join(LOCK_NAME);
+        let lock = fs.lock(&lock_path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                Error::Locked {
+                    path: lock_path.clone(),
+                }
+            } else {
+                Error::io("locking the data directory", e)
+            }
+        })?;
+        let rec = recover(fs.as_ref(), &dir, &options)?;
+        let groups = Groups::default();
+        for (id, g) in rec.groups {
+            groups.shard(id).write().insert(id, g);
+        }
+        let mut files = rec.files;
+        let (segment, file) = match rec.reusable_last {
+            Some((id, file)) => (id, file),
+            None => {
+                // Not prefilled here: opening stays fast; the segments after it are prefilled.
+                let id = rec.next_segment;
+                if id > u64::from(u32::MAX) {
+                    return Err(Error::InvalidArgument("segment ids exhausted".into()));
+                }
+                let file = create_segment(fs.as_ref(), &dir, id, options.segment_size, false)?;
+                (id, file)
+            }
+        };
+        files.insert(segment, file.clone());
+        let inner = Arc::new(Inner {
+            dir,
+            fs,
+            groups,
+            segments: RwLock::new(files),
+            log: Mutex::new(LogWriter {
+                segment,
+                file,
+                offset: SEGMENT_HEADER_LEN,
+                written: 0,
+                preparing: None,
+            }),
+            commit: Commit::default(),
+            gc_lock: Mutex::new(()),
+            report: rec.report,
+            _lock: lock,
+            opts: options,
+        });
+        {
+            let mut log = inner.log.lock();
+            log.preparing = Some(inner.prepare(segment + 1));
+        }
+        let flusher_inner = inner.clone();
+        let flusher = std::thread::Builder::new()
+            .name("mrwal-flusher".into())
+            .spawn(move || flusher_inner.commit.run_flusher(flusher_inner.as_ref()))
+            .map_err(|e| Error::io("starting the flusher thread", e))?;
+        tracing::info!(dir = ?inner.dir, report = ?inner.report, "engine opened");
+        Ok(Engine {
+            handle: Arc::new(Handle {
+                inner,
+                flusher: Some(flusher),
+            }),
+        })
+    }
+
+    fn inner(&self) -> &Inner {
+        &self.handle.inner
+    }
+
+    /// Writes `batch` and returns once it is durable (after the fdatasync that covers it, shared
+    /// with every other writer waiting at the same time).
+    pub fn write(&self, batch: WriteBatch) -> Result<()> {
+        let inner = self.inner();
+        let seq = inner.submit(&batch)?;
+        inner.commit.wait_durable(seq, inner)
+    }
+
+    /// Writes `batch` without waiting for durability. Its effects are readable on return; it
+    /// becomes durable with the next sync (any synced write, [`Engine::sync`], or an
+    /// asynchronous write's flush).
+    pub fn write_unsynced(&self, batch: WriteBatch) -> Result<()> {
+        self.inner().submit(&batch).map(|_| ())
+    }
+
+    /// Writes `batch` and returns at once; its effects are readable on return. `on_durable` is
+    /// called exactly once, later and possibly from another thread: with `Ok(())` after the
+    /// fdatasync that covers the batch has returned, or with the error that stopped it. If this
+    /// function returns an error, nothing was written and `on_durable` is dropped uncalled.
+    pub fn write_async(
+        &self,
+        batch: WriteBatch,
+        on_durable: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Result<()> {
+        let inner = self.inner();
+        let seq = inner.submit(&batch)?;
+        inner
+            .commit
+            .add_callback(seq, Box::new(on_durable) as Callback);
+        Ok(())
+    }
+
+    /// Makes everything written so far durable.
+    pub fn sync(&self) -> Result<()> {
+        let inner = self.inner();
+        let seq = inner.log.lock().written;
+        inner.check_poison()?;
+        inner.commit.wait_durable(seq, inner)
+    }
+
+    /// Entry `index` of `group`, or `None` if the group does not hold it.
+    pub fn entry(&self, group: u64, index: u64) -> Result<Option<Vec<u8>>> {
+        let inner = self.inner();
+        let found = inner.groups.read(group, |g| {
+            g.entries
+                .locate(index)
+                .map(|loc| (loc, inner.segment_file(loc.run.segment)))
+        });
+        let Some(Some((loc, file))) = found else {
+            return Ok(None);
+        };
+        let raw = inner.read_record(file?.as_ref(), &loc.run)?;
+        Inner::slice(&raw, &loc, loc.run.segment).map(Some)
+    }
+
+    /// Entries of `group` from `range.start`, contiguous, stopping before `range.end`, at the
+    /// first index the group does not hold, or once the payload bytes returned reach
+    /// `max_bytes`. At least one entry is returned when the group holds `range.start`.
+    pub fn entries(
+        &self,
+        group: u64,
+        range: StdRange<u64>,
+        max_bytes: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        let inner = self.inner();
+        let mut locs: Vec<(EntryLoc, Arc<dyn FsFile>)> = Vec::new();
+        inner
+            .groups
+            .read(group, |g| -> Result<()> {
+                let mut bytes = 0usize;
+                let mut file: Option<(u32, Arc<dyn FsFile>)> = None;
+                for index in range.clone() {
+                    if !locs.is_empty() && bytes >= max_bytes {
+                        break;
+                    }
+                    let Some(loc) = g.entries.locate(index) else {
+                        break;
+                    };
+                    let f = match &file {
+                        Some((seg, f)) if *seg == loc.run.segment => f.clone(),
+                        _ => {
+                            let f = inner.segment_file(loc.run.segment)?;
+                            file = Some((loc.run.segment, f.clone()));
+                            f
+                        }
+                    };
+                    bytes += loc.span.len as usize;
+                    locs.push((loc, f));
+                }
+                Ok(())
+            })
+            .transpose()?;
+        let mut out = Vec::with_capacity(locs.len());
+        let mut current: Option<(Run, Vec<u8>)> = None;
+        for (loc, file) in &locs {
+            if current.as_ref().is_none_or(|(run, _)| *run != loc.run) {
+                let raw = inner.read_record(file.as_ref(), &loc.run)?;
+                current = Some((loc.run, raw));
+            }
+            if let Some((_, raw)) = &current {
+                out.push(Inner::slice(raw, loc, loc.run.segment)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first index `group` holds, or `None` if it holds no entry.
+    pub fn first_index(&self, group: u64) -> Option<u64> {
+        self.inner()
+            .groups
+            .read(group, |g| g.entries.range())
+            .filter(|r| !r.is_empty())
+            .map(|r| r.first)
+    }
+
+    /// The last index `group` holds, or `None` if it holds no entry.
+    pub fn last_index(&self, group: u64) -> Option<u64> {
+        self.inner()
+            .groups
+            .read(group, |g| g.entries.range().last())
+            .flatten()
+    }
+
+    /// The value of `key` in `group`.
+    pub fn get(&self, group: u64, key: &[u8]) -> Option<Vec<u8>> {
+        self.inner()
+            .groups
+            .read(group, |g| g.kv.get(key).map(|v| v.to_vec()))
+            .flatten()
+    }
+
+    /// The vote of `group`.
+    pub fn vote(&self, group: u64) -> Option<Vec<u8>> {
+        self.inner()
+            .groups
+            .read(group, |g| g.vote.as_deref().map(<[u8]>::to_vec))
+            .flatten()
+    }
+
+    /// The committed marker of `group`.
+    pub fn committed(&self, group: u64) -> Option<Vec<u8>> {
+        self.inner()
+            .groups
+            .read(group, |g| g.committed.as_deref().map(<[u8]>::to_vec))
+            .flatten()
+    }
+
+    /// Every group the engine knows, sorted.
+    pub fn groups(&self) -> Vec<u64> {
+        let mut out: Vec<u64> = Vec::new();
+        for shard in self.inner().groups.shards() {
+            out.extend(shard.read().keys());
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Whether the engine refuses writes after a failed write or fsync.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner().commit.poisoned().is_some()
+    }
+
+    /// What recovery found when the engine was opened.
+    pub fn recovery_report(&self) -> RecoveryReport {
+        self.inner().report.clone()
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner().dir
+    }
+
+    /// Counters describing the engine.
+    pub fn stats(&self) -> Stats {
+        let inner = self.inner();
+        let mut s = Stats::default();
+        for shard in inner.groups.shards() {
+            let shard = shard.read();
+            s.groups += shard.len();
+            for g in shard.values() {
+                s.entries += g.entries.range().len;
+                s.index_bytes += g.entries.heap_bytes() as u64;
+            }
+        }
+        s.segments = inner.segments.read().len();
+        let log = inner.log.lock();
+        s.active_segment = log.segment;
+        s.written_batches = log.written;
+        drop(log);
+        s.synced_batches = inner.commit.synced();
+        s
+    }
+
+    /// Garbage collection: deletes every sealed segment no group references any more, after
+    /// writing a checkpoint that preserves what recovery needs from them (each group's range,
+    /// vote, committed marker and keys). Small groups that alone keep an old segment alive are
+    /// rewritten first (see [`Options::gc_rewrite_max_entries`]); the groups that still hold
+    /// old segments are returned in [`GcReport::holders`].
+    ///
+    /// Call it periodically (for example after purging); it blocks writers only while it
+    /// rewrites groups and takes the checkpoint snapshot.
+    pub fn gc(&self) -> Result<GcReport> {
+        let inner = self.inner();
+        let _gc = inner.gc_lock.lock();
+        inner.check_poison()?;
+        let mut report = GcReport::default();
+        let mut log = inner.log.lock();
+        let active = log.segment;
+
+        // Live entries per sealed segment, and per group its oldest segment.
+        let mut refs: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+        let mut group_sizes: HashMap<u64, u64> = HashMap::new();
+        for shard in inner.groups.shards() {
+            for (&id, g) in shard.read().iter() {
+                group_sizes.insert(id, g.entries.range().len);
+                g.entries.for_each_run(|run, n, _| {
+                    let seg = u64::from(run.segment);
+                    if seg < active {
+                        let v = refs.entry(seg).or_default();
+                        match v.last_mut() {
+                            Some((gid, count)) if *gid == id => *count += n,
+                            _ => v.push((id, n)),
+                        }
+                    }
+                });
+            }
+        }
+        // Rewrite small groups that alone pin a segment.
+        let max = inner.opts.gc_rewrite_max_entries;
+        if max > 0 {
+            let mut to_rewrite: Vec<u64> = Vec::new();
+            for holders in refs.values() {
+                if holders
+                    .iter()
+                    .all(|(g, _)| group_sizes.get(g).copied().unwrap_or(0) <= max)
+                {
+                    to_rewrite.extend(holders.iter().map(|(g, _)| *g));
+                }
+            }
+            to_rewrite.sort_unstable();
+            to_rewrite.dedup();
+            for group in to_rewrite {
+                let Some(first) = self.first_index(group) else {
+                    continue;
+                };
+                let entries = self.entries(group, first..u64::MAX, usize::MAX)?;
+                if entries.is_empty() {
+                    continue;
+                }
+                let mut batch = WriteBatch::new();
+                batch.append(group, first, &entries);
+                let (mut record, crc_tail) = batch.body.encode(inner.opts.compression_threshold);
+                inner.write_locked(&mut log, &batch, &mut record, crc_tail)?;
+                report.rewritten_groups.push(group);
+            }
+        }
+        // Which sealed segments are still referenced (after rewrites).
+        let mut referenced: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+        let mut holders: Vec<(u64, u64, u64)> = Vec::new();
+        for shard in inner.groups.shards() {
+            for (&id, g) in shard.read().iter() {
+                g.entries.for_each_run(|run, _, _| {
+                    referenced.insert(u64::from(run.segment));
+                });
+                if let Some(oldest) = g.entries.oldest_segment() {
+                    if u64::from(oldest) < log.segment {
+                        holders.push((id, u64::from(oldest), g.entries.range().len));
+                    }
+                }
+            }
+        }
+        holders.sort_unstable_by_key(|&(g, seg, _)| (seg, g));
+        holders.truncate(64);
+        report.holders = holders;
+        let sealed: Vec<u64> = inner
+            .segments
+            .read()
+            .keys()
+            .copied()
+            .filter(|&s| s < log.segment)
+            .collect();
+        let dead: Vec<u64> = sealed
+            .iter()
+            .copied()
+            .filter(|s| !referenced.contains(s))
+            .collect();
+        if dead.is_empty() && report.rewritten_groups.is_empty() {
+            report.live_segments = inner.segments.read().len();
+            return Ok(report);
+        }
+        // Start a fresh segment so the checkpoint covers exactly the segments below it; the
+        // rotation also fsyncs any rewrite.
+        if log.offset > SEGMENT_HEADER_LEN {
+            inner.rotate(&mut log)?;
+        }
+        let covers_below = log.segment;
+        let mut groups_meta: Vec<(u64, GroupMeta)> = Vec::new();
+        for shard in inner.groups.shards() {
+            for (&id, g) in shard.read().iter() {
+                groups_meta.push((id, meta_of(g)));
+            }
+        }
+        groups_meta.sort_unstable_by_key(|(id, _)| *id);
+        let live_sealed: Vec<u64> = inner
+            .segments
+            .read()
+            .keys()
+            .copied()
+            .filter(|&s| s < covers_below && referenced.contains(&s))
+            .collect();
+        let dead: Vec<u64> = inner
+            .segments
+            .read()
+            .keys()
+            .copied()
+            .filter(|&s| s < covers_below && !referenced.contains(&s))
+            .collect();
+        drop(log);
+        let ckpt = Checkpoint {
+            covers_below,
+            survivors: live_sealed,
+            groups: groups_meta,
+        };
+        ckpt.store(inner.fs.as_ref(), &inner.dir)
+            .map_err(|e| inner.fail(e))?;
+        for id in &dead {
+            let file = inner.segments.write().remove(id);
+            if let Some(f) = file {
+                report.freed_bytes += f.len().unwrap_or(0);
+            }
+            inner
+                .fs
+                .remove(&inner.dir.join(segment_name(*id)))
+                .map_err(|e| inner.fail(Error::io(format!("removing segment {id}"), e)))?;
+            report.deleted_segments.push(*id);
+        }
+        if !dead.is_empty() {
+            inner
+                .fs
+                .sync_dir(&inner.dir)
+                .map_err(|e| inner.fail(Error::io("syncing the directory after GC", e)))?;
+        }
+        report.live_segments = inner.segments.read().len();
+        Ok(report)
+    }
+}
+
+fn meta_of(g: &Group) -> GroupMeta {
+    GroupMeta {
+        range: g.entries.range(),
+        vote: g.vote.clone(),
+        committed: g.committed.clone(),
+        kv: g.kv.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}

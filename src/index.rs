@@ -1,0 +1,339 @@
+//! The in-memory index: for each group, the positions of its entries (never their payloads), its
+//! vote, committed marker and keys; and the sharded map of all groups.
+//!
+//! Invariants:
+//! - A group's entries are contiguous: `first .. first + positions.len()`.
+//! - `runs` is sorted by `first` and each run names the record holding entries from its `first`
+//!   up to the next run's `first`; the front run may start before the group's `first` after a purge.
+//! - The same [`Range`] transitions decide both whether a batch is valid and how it is applied,
+//!   so validation and application cannot disagree.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use parking_lot::RwLock;
+
+use crate::codec::EntrySpan;
+
+/// The range of indexes a group holds: `first .. first + len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Range {
+    pub(crate) first: u64,
+    pub(crate) len: u64,
+}
+
+impl Range {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(crate) fn last(&self) -> Option<u64> {
+        (self.len > 0).then(|| self.first + self.len - 1)
+    }
+
+    /// Where an append at `index` is allowed: anywhere in an empty group, else from `first` to
+    /// one past the last entry (an overlap replaces the tail).
+    pub(crate) fn check_append(&self, index: u64, count: u64) -> Result<(), String> {
+        if index.checked_add(count).is_none() {
+            return Err(format!("entries {index}+{count} overflow the index space"));
+        }
+        if self.len == 0 {
+            return Ok(());
+        }
+        let next = self.first + self.len;
+        if index < self.first || index > next {
+            return Err(format!(
+                "append at index {index} but the group holds {}..{next} (must start within {}..={next})",
+                self.first, self.first
+            ));
+        }
+        Ok(())
+    }
+
+    /// The range after appending `count` entries at `index` (assumed checked, or replayed: a
+    /// replayed append that does not fit starts the group afresh).
+    pub(crate) fn append(&mut self, index: u64, count: u64) {
+        if self.check_append(index, count).is_err() || self.len == 0 {
+            *self = Range {
+                first: index,
+                len: count,
+            };
+        } else {
+            self.len = index - self.first + count;
+        }
+    }
+
+    pub(crate) fn truncate_from(&mut self, index: u64) {
+        if self.len == 0 {
+            return;
+        }
+        if index <= self.first {
+            self.len = 0;
+        } else if index < self.first + self.len {
+            self.len = index - self.first;
+        }
+    }
+
+    pub(crate) fn purge_to(&mut self, index: u64) {
+        if self.len == 0 || index < self.first {
+            return;
+        }
+        let next = self.first + self.len;
+        if index >= next - 1 {
+            *self = Range {
+                first: index.saturating_add(1),
+                len: 0,
+            };
+        } else {
+            *self = Range {
+                first: index + 1,
+                len: next - index - 1,
+            };
+        }
+    }
+}
+
+/// The record that holds a run of a group's entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    /// Index of the first entry of the run.
+    pub(crate) first: u64,
+    /// Segment id.
+    pub(crate) segment: u32,
+    /// Offset of the record in the segment.
+    pub(crate) rec_off: u32,
+    /// Length of the whole record.
+    pub(crate) rec_len: u32,
+}
+
+/// Where to find one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EntryLoc {
+    pub(crate) run: Run,
+    pub(crate) span: EntrySpan,
+}
+
+/// One group's entry positions.
+#[derive(Debug, Default)]
+pub(crate) struct EntryIndex {
+    range: Range,
+    spans: VecDeque<EntrySpan>,
+    runs: VecDeque<Run>,
+}
+
+impl EntryIndex {
+    pub(crate) fn range(&self) -> Range {
+        self.range
+    }
+
+    pub(crate) fn append(&mut self, index: u64, run: Run, spans: &[EntrySpan]) {
+        let count = spans.len() as u64;
+        if count == 0 {
+            return;
+        }
+        let restart = self.range.is_empty() || self.range.check_append(index, count).is_err();
+        if restart {
+            self.spans.clear();
+            self.runs.clear();
+        } else {
+            self.truncate_from(index);
+        }
+        self.range.append(index, count);
+        self.runs.push_back(Run {
+            first: index,
+            ..run
+        });
+        self.spans.extend(spans.iter().copied());
+        debug_assert_eq!(self.spans.len() as u64, self.range.len);
+    }
+
+    pub(crate) fn truncate_from(&mut self, index: u64) {
+        self.range.truncate_from(index);
+        self.spans.truncate(self.range.len as usize);
+        while self.runs.back().is_some_and(|r| r.first >= index) {
+            self.runs.pop_back();
+        }
+        if self.range.is_empty() {
+            self.runs.clear();
+        }
+    }
+
+    pub(crate) fn purge_to(&mut self, index: u64) {
+        let before = self.range;
+        self.range.purge_to(index);
+        if self.range == before {
+            return;
+        }
+        let drop = (self.range.first - before.first).min(self.spans.len() as u64) as usize;
+        self.spans.drain(..drop);
+        if self.range.is_empty() {
+            self.runs.clear();
+            self.spans.clear();
+            return;
+        }
+        while self.runs.len() > 1 && self.runs[1].first <= self.range.first {
+            self.runs.pop_front();
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        *self = EntryIndex::default();
+    }
+
+    pub(crate) fn locate(&self, index: u64) -> Option<EntryLoc> {
+        if self.range.is_empty()
+            || index < self.range.first
+            || index >= self.range.first + self.range.len
+        {
+            return None;
+        }
+        let span = *self.spans.get((index - self.range.first) as usize)?;
+        let at = self.runs.partition_point(|r| r.first <= index);
+        let run = *self.runs.get(at.checked_sub(1)?)?;
+        Some(EntryLoc { run, span })
+    }
+
+    /// Calls `f` for each run with the number of its entries still live.
+    pub(crate) fn for_each_run(&self, mut f: impl FnMut(&Run, u64, u64)) {
+        let Some(last) = self.range.last() else {
+            return;
+        };
+        for (i, r) in self.runs.iter().enumerate() {
+            let start = r.first.max(self.range.first);
+            let end = self.runs.get(i + 1).map_or(last + 1, |n| n.first);
+            if end > start {
+                let bytes: u64 = (start..end)
+                    .filter_map(|ix| self.spans.get((ix - self.range.first) as usize))
+                    .map(|s| u64::from(s.len))
+                    .sum();
+                f(r, end - start, bytes);
+            }
+        }
+    }
+
+    pub(crate) fn oldest_segment(&self) -> Option<u32> {
+        self.runs.iter().map(|r| r.segment).min()
+    }
+
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.spans.shrink_to_fit();
+        self.runs.shrink_to_fit();
+    }
+
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.spans.capacity() * std::mem::size_of::<EntrySpan>()
+            + self.runs.capacity() * std::mem::size_of::<Run>()
+    }
+}
+
+/// Everything the engine knows about one group.
+#[derive(Debug, Default)]
+pub(crate) struct Group {
+    pub(crate) entries: EntryIndex,
+    pub(crate) vote: Option<Box<[u8]>>,
+    pub(crate) committed: Option<Box<[u8]>>,
+    pub(crate) kv: BTreeMap<Box<[u8]>, Box<[u8]>>,
+}
+
+const SHARDS: usize = 64;
+
+/// All groups, sharded so that readers of different groups rarely meet on a lock.
+#[derive(Debug)]
+pub(crate) struct Groups {
+    shards: Vec<RwLock<HashMap<u64, Group>>>,
+}
+
+impl Default for Groups {
+    fn default() -> Self {
+        Groups {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+impl Groups {
+    pub(crate) fn shard(&self, group: u64) -> &RwLock<HashMap<u64, Group>> {
+        // Fibonacci hashing spreads sequential ids over the shards.
+        let h = group.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58;
+        &self.shards[h as usize % SHARDS]
+    }
+
+    pub(crate) fn shards(&self) -> &[RwLock<HashMap<u64, Group>>] {
+        &self.shards
+    }
+
+    pub(crate) fn read<R>(&self, group: u64, f: impl FnOnce(&Group) -> R) -> Option<R> {
+        self.shard(group).read().get(&group).map(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(seg: u32) -> Run {
+        Run {
+            first: 0,
+            segment: seg,
+            rec_off: 32,
+            rec_len: 100,
+        }
+    }
+
+    fn spans(n: u32) -> Vec<EntrySpan> {
+        (0..n)
+            .map(|i| EntrySpan {
+                off: i * 10,
+                len: 10,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn append_truncate_purge() {
+        let mut ix = EntryIndex::default();
+        ix.append(5, run(1), &spans(4)); // 5..=8
+        ix.append(9, run(2), &spans(3)); // 9..=11
+        assert_eq!(ix.range(), Range { first: 5, len: 7 });
+        assert_eq!(ix.locate(9).unwrap().run.segment, 2);
+        assert_eq!(ix.locate(8).unwrap().run.segment, 1);
+        assert!(ix.locate(12).is_none() && ix.locate(4).is_none());
+        // Overlapping append replaces the tail.
+        ix.append(7, run(3), &spans(2)); // 5..=8 with 7,8 from seg 3
+        assert_eq!(ix.range(), Range { first: 5, len: 4 });
+        assert_eq!(ix.locate(7).unwrap().run.segment, 3);
+        assert_eq!(ix.locate(6).unwrap().run.segment, 1);
+        ix.purge_to(6);
+        assert_eq!(ix.range(), Range { first: 7, len: 2 });
+        assert_eq!(ix.oldest_segment(), Some(3));
+        ix.truncate_from(8);
+        assert_eq!(ix.range(), Range { first: 7, len: 1 });
+        ix.purge_to(100);
+        assert!(ix.range().is_empty());
+        assert_eq!(ix.range().first, 101);
+        // An empty group takes any index.
+        ix.append(3, run(4), &spans(1));
+        assert_eq!(ix.range(), Range { first: 3, len: 1 });
+    }
+
+    #[test]
+    fn range_checks() {
+        let r = Range { first: 10, len: 5 };
+        assert!(r.check_append(15, 1).is_ok());
+        assert!(r.check_append(10, 1).is_ok());
+        assert!(r.check_append(16, 1).is_err());
+        assert!(r.check_append(9, 1).is_err());
+        assert!(Range::default().check_append(1000, 1).is_ok());
+        assert!(r.check_append(u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn live_runs() {
+        let mut ix = EntryIndex::default();
+        ix.append(1, run(1), &spans(4));
+        ix.append(5, run(2), &spans(4));
+        ix.purge_to(2);
+        let mut seen = Vec::new();
+        ix.for_each_run(|r, n, b| seen.push((r.segment, n, b)));
+        assert_eq!(seen, vec![(1, 2, 20), (2, 4, 40)]);
+    }
+}

@@ -1,0 +1,36 @@
+//! multiraft-wal: one segmented, group-committed write-ahead log for many Raft groups.
+#![warn(missing_docs)]
+
+mod batch;
+mod checkpoint;
+mod codec;
+mod commit;
+mod engine;
+mod error;
+pub mod fs;
+mod index;
+mod options;
+mod recovery;
+mod segment;
+
+pub use batch::WriteBatch;
+pub use engine::{Engine, GcReport, Stats};
+pub use error::{Error, Result};
+pub use options::{Options, RecoveryMode};
+pub use recovery::{RecoveryReport, SkippedRange};
+
+/// Entry points for fuzzers and property tests: decoding arbitrary bytes must never panic.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Scans the records of segment `id` from its whole contents; returns the end of the last
+    /// good record and the number of good records.
+    pub fn scan_segment(id: u64, data: &[u8], tolerate_any: bool) -> (u64, usize) {
+        let (end, n, _, _) = crate::recovery::scan_records(id, data, tolerate_any);
+        (end, n)
+    }
+
+    /// Decodes a raw batch body; returns the number of operations.
+    pub fn decode_body(raw: &[u8]) -> Option<usize> {
+        crate::codec::decode_body(raw).ok().map(|ops| ops.len())
+    }
+}

@@ -1,0 +1,746 @@
+//! Recovery: scan every segment in parallel, check every CRC, then replay the records in segment
+//! order into a fresh index, honouring the checkpoint and the recovery mode.
+//!
+//! Invariants:
+//! - Nothing is changed on disk until every check has passed; then a torn tail is cut (file
+//!   truncated and synced, so cut bytes can never come back) and stale segments are removed.
+//! - A damaged record is a tolerated torn tail only if no later segment holds a record: a segment
+//!   receives records only after the one before it was fsynced.
+//! - Records of segments below the checkpoint only position entries; the checkpoint supplies
+//!   metadata and the exact entry range each group must end up with.
+//! - No length read from disk is used to slice or allocate before it is checked against the
+//!   bytes present; no input makes recovery panic.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::codec::{
+    decode_body, verify_record, DecodeError, EntrySpan, Op, RecordHeader, RECORD_HEADER_LEN,
+};
+use crate::error::{Error, Result};
+use crate::fs::{FileSystem, FsFile};
+use crate::index::{Group, Run};
+use crate::options::{Options, RecoveryMode, MAX_SEGMENT_SIZE};
+use crate::segment::{check_header, parse_segment_name, SEGMENT_EXT, SEGMENT_HEADER_LEN, TMP_EXT};
+
+/// A range of bytes recovery skipped in [`RecoveryMode::TolerateAny`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedRange {
+    /// Segment id.
+    pub segment: u64,
+    /// First byte skipped.
+    pub start: u64,
+    /// One past the last byte skipped.
+    pub end: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// What [`Engine::open`](crate::Engine::open) found and did.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Segments scanned.
+    pub segments: usize,
+    /// Records replayed.
+    pub records: u64,
+    /// Entries in the index after recovery.
+    pub entries: u64,
+    /// Bytes of segment files scanned.
+    pub bytes: u64,
+    /// A torn tail cut off: (segment, offset where the cut starts, bytes dropped).
+    pub tail_cut: Option<(u64, u64, u64)>,
+    /// Damaged ranges skipped ([`RecoveryMode::TolerateAny`] only).
+    pub skipped: Vec<SkippedRange>,
+    /// Segments removed because the checkpoint had already made them dead.
+    pub stale_removed: Vec<u64>,
+    /// Whether a checkpoint was loaded.
+    pub checkpoint: bool,
+    /// Wall time of recovery.
+    pub duration: Duration,
+}
+
+/// One operation of a scanned record, owning what it needs.
+#[derive(Debug)]
+enum ReplayOp {
+    Append {
+        group: u64,
+        first: u64,
+        spans: Vec<EntrySpan>,
+    },
+    Truncate {
+        group: u64,
+        index: u64,
+    },
+    Purge {
+        group: u64,
+        index: u64,
+    },
+    Put {
+        group: u64,
+        key: Box<[u8]>,
+        value: Box<[u8]>,
+    },
+    Delete {
+        group: u64,
+        key: Box<[u8]>,
+    },
+    Vote {
+        group: u64,
+        value: Box<[u8]>,
+    },
+    Committed {
+        group: u64,
+        value: Box<[u8]>,
+    },
+    RemoveGroup {
+        group: u64,
+    },
+}
+
+#[derive(Debug)]
+struct ScannedRecord {
+    offset: u32,
+    len: u32,
+    ops: Vec<ReplayOp>,
+}
+
+/// The first damaged spot of a segment, when recovery stopped there.
+#[derive(Debug, Clone)]
+struct Damage {
+    offset: u64,
+    reason: String,
+}
+
+#[derive(Debug)]
+struct SegmentScan {
+    id: u64,
+    file: Arc<dyn FsFile>,
+    file_len: u64,
+    records: Vec<ScannedRecord>,
+    /// End of the last good record.
+    valid_end: u64,
+    damage: Option<Damage>,
+    skipped: Vec<SkippedRange>,
+}
+
+/// What recovery hands to the engine.
+pub(crate) struct Recovered {
+    pub(crate) groups: HashMap<u64, Group>,
+    pub(crate) files: BTreeMap<u64, Arc<dyn FsFile>>,
+    /// The last segment, its id, file and end of data, if it holds no record and can take writes.
+    pub(crate) reusable_last: Option<(u64, Arc<dyn FsFile>)>,
+    /// Id for the next segment to create.
+    pub(crate) next_segment: u64,
+    pub(crate) report: RecoveryReport,
+}
+
+fn to_replay(op: Op<'_>) -> ReplayOp {
+    match op {
+        Op::Append {
+            group,
+            first,
+            spans,
+        } => ReplayOp::Append {
+            group,
+            first,
+            spans,
+        },
+        Op::Truncate { group, index } => ReplayOp::Truncate { group, index },
+        Op::Purge { group, index } => ReplayOp::Purge { group, index },
+        Op::Put { group, key, value } => ReplayOp::Put {
+            group,
+            key: key.into(),
+            value: value.into(),
+        },
+        Op::Delete { group, key } => ReplayOp::Delete {
+            group,
+            key: key.into(),
+        },
+        Op::Vote { group, value } => ReplayOp::Vote {
+            group,
+            value: value.into(),
+        },
+        Op::Committed { group, value } => ReplayOp::Committed {
+            group,
+            value: value.into(),
+        },
+        Op::RemoveGroup { group } => ReplayOp::RemoveGroup { group },
+    }
+}
+
+/// Decodes the records of segment `id` from its whole contents. Never panics.
+pub fn scan_records(
+    id: u64,
+    data: &[u8],
+    tolerate_any: bool,
+) -> (u64, usize, Option<(u64, String)>, Vec<SkippedRange>) {
+    let scan = scan_bytes(id, data, tolerate_any);
+    (
+        scan.0,
+        scan.1.len(),
+        scan.2.map(|d| (d.offset, d.reason)),
+        scan.3,
+    )
+}
+
+type ScanParts = (u64, Vec<ScannedRecord>, Option<Damage>, Vec<SkippedRange>);
+
+fn scan_bytes(id: u64, data: &[u8], tolerate_any: bool) -> ScanParts {
+    let len = data.len() as u64;
+    let mut records = Vec::new();
+    let mut skipped = Vec::new();
+    if let Err(reason) = check_header(id, data) {
+        let damage = Damage {
+            offset: 0,
+            reason: reason.to_owned(),
+        };
+        if tolerate_any {
+            skipped.push(SkippedRange {
+                segment: id,
+                start: 0,
+                end: len,
+                reason: reason.to_owned(),
+            });
+        }
+        return (0, records, Some(damage), skipped);
+    }
+    let mut pos = SEGMENT_HEADER_LEN;
+    let mut valid_end = pos;
+    loop {
+        if pos >= len {
+            return (valid_end, records, None, skipped);
+        }
+        // `pos < len <= data.len()`: the slices below stay in bounds.
+        let rest = &data[pos as usize..];
+        let bad = |reason: String, extent: Option<u64>| (reason, extent);
+        let outcome: std::result::Result<(ScannedRecord, u64), (String, Option<u64>)> = (|| {
+            if rest.len() < RECORD_HEADER_LEN {
+                if rest.iter().all(|&b| b == 0) {
+                    return Err(bad(String::new(), None));
+                }
+                return Err(bad("truncated record header".into(), None));
+            }
+            let mut hb = [0u8; RECORD_HEADER_LEN];
+            hb.copy_from_slice(&rest[..RECORD_HEADER_LEN]);
+            let header = match RecordHeader::parse(&hb) {
+                Ok(Some(h)) => h,
+                Ok(None) => return Err(bad(String::new(), None)),
+                Err(e) => return Err(bad(format!("record header: {e}"), None)),
+            };
+            let rec_len = header.record_len();
+            if rec_len > rest.len() as u64 {
+                return Err(bad("record extends past the end of the file".into(), None));
+            }
+            let rec = &rest[..rec_len as usize];
+            let raw = verify_record(id, &header, rec)
+                .map_err(|e| bad(format!("record: {e}"), Some(rec_len)))?;
+            let ops = decode_body(&raw)
+                .map_err(|e: DecodeError| bad(format!("record body: {e}"), Some(rec_len)))?;
+            let ops = ops.into_iter().map(to_replay).collect();
+            Ok((
+                ScannedRecord {
+                    offset: pos as u32,
+                    len: rec_len as u32,
+                    ops,
+                },
+                rec_len,
+            ))
+        })(
+        );
+        match outcome {
+            Ok((rec, rec_len)) => {
+                records.push(rec);
+                pos += rec_len;
+                valid_end = pos;
+            }
+            Err((reason, extent)) if reason.is_empty() => {
+                // A zero header: the clean end, if every byte after it is zero too.
+                let _ = extent;
+                if rest.iter().all(|&b| b == 0) {
+                    return (valid_end, records, None, skipped);
+                }
+                let reason = "non-zero bytes after a zero record header".to_owned();
+                if tolerate_any {
+                    skipped.push(SkippedRange {
+                        segment: id,
+                        start: pos,
+                        end: len,
+                        reason,
+                    });
+                    return (valid_end, records, None, skipped);
+                }
+                return (
+                    valid_end,
+                    records,
+                    Some(Damage {
+                        offset: pos,
+                        reason,
+                    }),
+                    skipped,
+                );
+            }
+            Err((reason, extent)) => {
+                if tolerate_any {
+                    let end = extent.map_or(len, |e| pos + e);
+                    skipped.push(SkippedRange {
+                        segment: id,
+                        start: pos,
+                        end,
+                        reason,
+                    });
+                    pos = end;
+                    continue;
+                }
+                return (
+                    valid_end,
+                    records,
+                    Some(Damage {
+                        offset: pos,
+                        reason,
+                    }),
+                    skipped,
+                );
+            }
+        }
+    }
+}
+
+fn scan_segment(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    id: u64,
+    tolerate_any: bool,
+    buf: &mut Vec<u8>,
+) -> Result<SegmentScan> {
+    let path = dir.join(crate::segment::segment_name(id));
+    let file = fs
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening segment {id}"), e))?;
+    let file_len = file
+        .len()
+        .map_err(|e| Error::io(format!("reading size of segment {id}"), e))?;
+    if file_len > 2 * MAX_SEGMENT_SIZE + (1 << 30) {
+        return Err(Error::corruption(
+            id,
+            0,
+            format!("implausible segment size {file_len}"),
+        ));
+    }
+    buf.clear();
+    buf.resize(file_len as usize, 0);
+    file.read_exact_at(buf, 0)
+        .map_err(|e| Error::io(format!("reading segment {id}"), e))?;
+    let (valid_end, records, damage, skipped) = scan_bytes(id, buf, tolerate_any);
+    Ok(SegmentScan {
+        id,
+        file,
+        file_len,
+        records,
+        valid_end,
+        damage,
+        skipped,
+    })
+}
+
+fn scan_all(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    ids: &[u64],
+    opts: &Options,
+) -> Result<Vec<SegmentScan>> {
+    let tolerate_any = opts.recovery_mode == RecoveryMode::TolerateAny;
+    let threads = opts.recovery_threads.clamp(1, ids.len().max(1));
+    let next = AtomicUsize::new(0);
+    let slots: Vec<Mutex<Option<Result<SegmentScan>>>> =
+        ids.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut buf = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&id) = ids.get(i) else { break };
+                    let r = scan_segment(fs, dir, id, tolerate_any, &mut buf);
+                    let failed = r.is_err();
+                    *slots[i].lock() = Some(r);
+                    if failed {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut out = Vec::with_capacity(ids.len());
+    for (slot, &id) in slots.into_iter().zip(ids) {
+        match slot.into_inner() {
+            Some(r) => out.push(r?),
+            None => {
+                return Err(Error::corruption(
+                    id,
+                    0,
+                    "segment was not scanned after an earlier failure",
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Applies one replayed operation of a segment at or above the checkpoint.
+fn apply_op(groups: &mut HashMap<u64, Group>, op: ReplayOp, segment: u64, rec: (u32, u32)) {
+    match op {
+        ReplayOp::Append {
+            group,
+            first,
+            spans,
+        } => {
+            let run = Run {
+                first,
+                segment: segment as u32,
+                rec_off: rec.0,
+                rec_len: rec.1,
+            };
+            groups
+                .entry(group)
+                .or_default()
+                .entries
+                .append(first, run, &spans);
+        }
+        ReplayOp::Truncate { group, index } => groups
+            .entry(group)
+            .or_default()
+            .entries
+            .truncate_from(index),
+        ReplayOp::Purge { group, index } => {
+            groups.entry(group).or_default().entries.purge_to(index)
+        }
+        ReplayOp::RemoveGroup { group } => {
+            groups.remove(&group);
+        }
+        ReplayOp::Put { group, key, value } => {
+            groups.entry(group).or_default().kv.insert(key, value);
+        }
+        ReplayOp::Delete { group, key } => {
+            groups.entry(group).or_default().kv.remove(&key);
+        }
+        ReplayOp::Vote { group, value } => groups.entry(group).or_default().vote = Some(value),
+        ReplayOp::Committed { group, value } => {
+            groups.entry(group).or_default().committed = Some(value)
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    segment: u32,
+    rec_off: u32,
+    rec_len: u32,
+    span: EntrySpan,
+}
+
+/// Replay of the segments below the checkpoint: the latest write of each index inside each
+/// group's checkpointed range.
+struct OldReplay {
+    ranges: HashMap<u64, crate::index::Range>,
+    slots: HashMap<u64, Vec<Option<Slot>>>,
+}
+
+impl OldReplay {
+    fn new(c: &Checkpoint, scans: &[SegmentScan], covers_below: u64) -> Result<OldReplay> {
+        // Every entry takes at least one byte of its segment: a bound on any honest range.
+        let old_bytes: u64 = scans
+            .iter()
+            .filter(|s| s.id < covers_below)
+            .map(|s| s.file_len)
+            .sum();
+        let mut ranges = HashMap::with_capacity(c.groups.len());
+        for (id, meta) in &c.groups {
+            if meta.range.len > old_bytes {
+                return Err(Error::Inconsistent {
+                    group: *id,
+                    reason: format!(
+                        "checkpoint claims {} entries, more than the old segments can hold",
+                        meta.range.len
+                    ),
+                });
+            }
+            ranges.insert(*id, meta.range);
+        }
+        Ok(OldReplay {
+            ranges,
+            slots: HashMap::new(),
+        })
+    }
+
+    fn apply(&mut self, op: ReplayOp, segment: u64, rec: (u32, u32)) {
+        let ReplayOp::Append {
+            group,
+            first,
+            spans,
+        } = op
+        else {
+            return;
+        };
+        let Some(range) = self.ranges.get(&group) else {
+            return;
+        };
+        if range.is_empty() {
+            return;
+        }
+        let slots = self
+            .slots
+            .entry(group)
+            .or_insert_with(|| vec![None; range.len as usize]);
+        for (i, span) in spans.into_iter().enumerate() {
+            let Some(index) = first.checked_add(i as u64) else {
+                break;
+            };
+            if index < range.first || index - range.first >= range.len {
+                continue;
+            }
+            slots[(index - range.first) as usize] = Some(Slot {
+                segment: segment as u32,
+                rec_off: rec.0,
+                rec_len: rec.1,
+                span,
+            });
+        }
+    }
+
+    fn finish(
+        mut self,
+        groups: &mut HashMap<u64, Group>,
+        mode: RecoveryMode,
+        report: &mut RecoveryReport,
+    ) -> Result<()> {
+        groups.retain(|id, _| self.ranges.contains_key(id));
+        for (id, range) in &self.ranges {
+            let g = groups.entry(*id).or_default();
+            g.entries.clear();
+            if range.is_empty() {
+                continue;
+            }
+            let slots = self.slots.remove(id).unwrap_or_default();
+            let mut i = 0usize;
+            let mut spans = Vec::new();
+            while i < range.len as usize {
+                let Some(Some(head)) = slots.get(i).copied() else {
+                    if mode == RecoveryMode::TolerateAny {
+                        report.skipped.push(SkippedRange {
+                            segment: 0,
+                            start: 0,
+                            end: 0,
+                            reason: format!(
+                                "group {id}: entry {} missing below the checkpoint",
+                                range.first + i as u64
+                            ),
+                        });
+                        g.entries.clear();
+                        break;
+                    }
+                    return Err(Error::Inconsistent {
+                        group: *id,
+                        reason: format!(
+                            "checkpoint holds entries {}..{} but entry {} is in no segment",
+                            range.first,
+                            range.first + range.len,
+                            range.first + i as u64
+                        ),
+                    });
+                };
+                let start = i;
+                spans.clear();
+                while let Some(Some(s)) = slots.get(i) {
+                    if s.segment != head.segment || s.rec_off != head.rec_off {
+                        break;
+                    }
+                    spans.push(s.span);
+                    i += 1;
+                }
+                let first = range.first + start as u64;
+                let run = Run {
+                    first,
+                    segment: head.segment,
+                    rec_off: head.rec_off,
+                    rec_len: head.rec_len,
+                };
+                g.entries.append(first, run, &spans);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rebuilds the index from the data directory.
+pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result<Recovered> {
+    let started = Instant::now();
+    let mut report = RecoveryReport::default();
+    let names = fs
+        .list(dir)
+        .map_err(|e| Error::io("listing the data directory", e))?;
+
+    let checkpoint = Checkpoint::load(fs, dir, &names)?;
+    report.checkpoint = checkpoint.is_some();
+    let ids: BTreeSet<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
+
+    // Which segments must exist, and which the checkpoint already made dead.
+    let (covers_below, survivors): (u64, BTreeSet<u64>) = match &checkpoint {
+        Some(c) => (c.covers_below, c.survivors.iter().copied().collect()),
+        None => (1, BTreeSet::new()),
+    };
+    for &s in &survivors {
+        if s >= covers_below || !ids.contains(&s) {
+            return Err(Error::MissingSegment { segment: s });
+        }
+    }
+    let stale: Vec<u64> = ids
+        .iter()
+        .copied()
+        .filter(|&i| i < covers_below && !survivors.contains(&i))
+        .collect();
+    let max = ids.iter().next_back().copied();
+    if let Some(max) = max.filter(|&m| m >= covers_below) {
+        for id in covers_below..=max {
+            if !ids.contains(&id) {
+                return Err(Error::MissingSegment { segment: id });
+            }
+        }
+    } else if checkpoint.is_some() {
+        return Err(Error::MissingSegment {
+            segment: covers_below,
+        });
+    }
+    let live: Vec<u64> = survivors
+        .iter()
+        .copied()
+        .chain(ids.iter().copied().filter(|&i| i >= covers_below))
+        .collect();
+
+    let mut scans = scan_all(fs, dir, &live, opts)?;
+
+    // Decide what each damage means: a torn tail only if no later segment holds a record.
+    let last_with_records = scans.iter().rposition(|s| !s.records.is_empty());
+    let mut cut: Option<usize> = None;
+    for (i, s) in scans.iter().enumerate() {
+        report.skipped.extend(s.skipped.iter().cloned());
+        let Some(d) = &s.damage else { continue };
+        let is_tail = last_with_records.is_none_or(|l| i >= l) && d.offset > 0;
+        match opts.recovery_mode {
+            RecoveryMode::TolerateTail if is_tail => cut = Some(i),
+            RecoveryMode::Strict if is_tail => {
+                return Err(Error::TornTail {
+                    segment: s.id,
+                    offset: d.offset,
+                })
+            }
+            _ => return Err(Error::corruption(s.id, d.offset, d.reason.clone())),
+        }
+    }
+
+    // Replay in order. Below the checkpoint, the checkpoint fixes each group's range and
+    // metadata; the segments only say where each index was last written. Truncate, purge and
+    // remove records there may be gone with deleted segments, so they are not replayed: the
+    // latest surviving write of an index inside the range is its current version, because the
+    // current version of an index is by definition its latest write, and it is live, so its
+    // segment was kept.
+    let mut groups: HashMap<u64, Group> = HashMap::new();
+    let mut old = checkpoint
+        .as_ref()
+        .map(|c| OldReplay::new(c, &scans, covers_below))
+        .transpose()?;
+    if let Some(c) = &checkpoint {
+        for (id, meta) in &c.groups {
+            let g = groups.entry(*id).or_default();
+            g.vote = meta.vote.clone();
+            g.committed = meta.committed.clone();
+            g.kv = meta.kv.iter().cloned().collect();
+        }
+    }
+    for s in &mut scans {
+        if s.id >= covers_below {
+            if let Some(o) = old.take() {
+                o.finish(&mut groups, opts.recovery_mode, &mut report)?;
+            }
+        }
+        report.segments += 1;
+        report.bytes += s.file_len;
+        for rec in std::mem::take(&mut s.records) {
+            report.records += 1;
+            for op in rec.ops {
+                match old.as_mut() {
+                    Some(o) => o.apply(op, s.id, (rec.offset, rec.len)),
+                    None => apply_op(&mut groups, op, s.id, (rec.offset, rec.len)),
+                }
+            }
+        }
+    }
+    if let Some(o) = old.take() {
+        o.finish(&mut groups, opts.recovery_mode, &mut report)?;
+    }
+
+    // Every check passed: now repair the directory.
+    let mut dir_dirty = false;
+    for name in &names {
+        if name.ends_with(TMP_EXT)
+            && (name.ends_with(&format!("{SEGMENT_EXT}{TMP_EXT}")) || checkpoint::is_temp(name))
+        {
+            fs.remove(&dir.join(name))
+                .map_err(|e| Error::io(format!("removing leftover {name}"), e))?;
+            dir_dirty = true;
+        }
+    }
+    if let Some(i) = cut {
+        let s = &scans[i];
+        s.file
+            .set_len(s.valid_end)
+            .map_err(|e| Error::io(format!("cutting the torn tail of segment {}", s.id), e))?;
+        s.file.sync_data().map_err(|e| {
+            Error::io(
+                format!("syncing segment {} after cutting its tail", s.id),
+                e,
+            )
+        })?;
+        report.tail_cut = Some((s.id, s.valid_end, s.file_len - s.valid_end));
+    }
+    for &id in &stale {
+        let name = crate::segment::segment_name(id);
+        fs.remove(&dir.join(&name))
+            .map_err(|e| Error::io(format!("removing dead segment {id}"), e))?;
+        report.stale_removed.push(id);
+        dir_dirty = true;
+    }
+    if dir_dirty {
+        fs.sync_dir(dir)
+            .map_err(|e| Error::io("syncing the data directory after recovery", e))?;
+    }
+
+    for g in groups.values_mut() {
+        g.entries.shrink_to_fit();
+        report.entries += g.entries.range().len;
+    }
+    let reusable_last = scans
+        .last()
+        .filter(|s| {
+            s.valid_end == SEGMENT_HEADER_LEN
+                && s.damage.is_none()
+                && s.skipped.is_empty()
+                && s.id >= covers_below
+        })
+        .map(|s| (s.id, s.file.clone()));
+    let next_segment = max.map_or(1, |m| m + 1).max(covers_below);
+    let files = scans.into_iter().map(|s| (s.id, s.file)).collect();
+    report.duration = started.elapsed();
+    Ok(Recovered {
+        groups,
+        files,
+        reusable_last,
+        next_segment,
+        report,
+    })
+}
