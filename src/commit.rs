@@ -43,22 +43,15 @@ impl Commit {
         self.state.lock().poisoned.clone()
     }
 
+    /// Poisons the engine. Pending callbacks are failed by the flusher, never here: this may be
+    /// called with the log lock held, and a callback may write.
     pub(crate) fn poison(&self, reason: String) {
-        let cbs = {
-            let mut st = self.state.lock();
-            if st.poisoned.is_none() {
-                tracing::error!(%reason, "engine poisoned");
-                st.poisoned = Some(reason);
-            }
-            self.cv.notify_all();
-            std::mem::take(&mut st.callbacks)
-        };
-        let reason = self.poisoned().unwrap_or_default();
-        for (_, cb) in cbs {
-            cb(Err(Error::Poisoned {
-                reason: reason.clone(),
-            }));
+        let mut st = self.state.lock();
+        if st.poisoned.is_none() {
+            tracing::error!(%reason, "engine poisoned");
+            st.poisoned = Some(reason);
         }
+        self.cv.notify_all();
     }
 
     /// Records that everything up to `seq` is durable (a rotation fsynced the old segment).

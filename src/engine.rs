@@ -676,34 +676,37 @@ impl Engine {
         let mut log = inner.log.lock();
         let active = log.segment;
 
-        // Live entries per sealed segment, and per group its oldest segment.
-        let mut refs: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+        // Live entries and bytes per sealed segment, by group.
+        let mut refs: BTreeMap<u64, (u64, Vec<u64>)> = BTreeMap::new();
         let mut group_sizes: HashMap<u64, u64> = HashMap::new();
         for shard in inner.groups.shards() {
             for (&id, g) in shard.read().iter() {
                 group_sizes.insert(id, g.entries.range().len);
-                g.entries.for_each_run(|run, n, _| {
+                g.entries.for_each_run(|run, _, bytes| {
                     let seg = u64::from(run.segment);
                     if seg < active {
-                        let v = refs.entry(seg).or_default();
-                        match v.last_mut() {
-                            Some((gid, count)) if *gid == id => *count += n,
-                            _ => v.push((id, n)),
+                        let (live, holders) = refs.entry(seg).or_default();
+                        *live += bytes;
+                        if holders.last() != Some(&id) {
+                            holders.push(id);
                         }
                     }
                 });
             }
         }
-        // Rewrite small groups that alone pin a segment.
+        // Rewrite the small groups that alone keep a sparse old segment (under an eighth live)
+        // alive; a dense segment is not worth copying.
         let max = inner.opts.gc_rewrite_max_entries;
         if max > 0 {
+            let sparse = inner.opts.segment_size / 8;
             let mut to_rewrite: Vec<u64> = Vec::new();
-            for holders in refs.values() {
-                if holders
-                    .iter()
-                    .all(|(g, _)| group_sizes.get(g).copied().unwrap_or(0) <= max)
+            for (live, holders) in refs.values() {
+                if *live < sparse
+                    && holders
+                        .iter()
+                        .all(|g| group_sizes.get(g).copied().unwrap_or(0) <= max)
                 {
-                    to_rewrite.extend(holders.iter().map(|(g, _)| *g));
+                    to_rewrite.extend(holders.iter().copied());
                 }
             }
             to_rewrite.sort_unstable();

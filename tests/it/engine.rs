@@ -232,7 +232,7 @@ fn metadata_survives_reopen_and_gc() {
         let mut b = WriteBatch::new();
         b.truncate_from(1, 150)
             .purge_to(1, 9)
-            .purge_to(2, 250)
+            .purge_to(2, 299)
             .put(2, b"k", b"v")
             .set_vote(2, b"vote")
             .set_committed(1, b"c");
@@ -246,7 +246,8 @@ fn metadata_survives_reopen_and_gc() {
     let e = Engine::open(dir.path(), small()).unwrap();
     assert!(e.recovery_report().checkpoint);
     assert_eq!((e.first_index(1), e.last_index(1)), (Some(10), Some(149)));
-    assert_eq!((e.first_index(2), e.last_index(2)), (Some(251), Some(299)));
+    assert_eq!((e.first_index(2), e.last_index(2)), (None, None));
+    assert!(e.groups().contains(&2));
     assert_eq!(e.entry(1, 77).unwrap(), Some(vec![77u8; 1000]));
     assert_eq!(e.get(2, b"k"), Some(b"v".to_vec()));
     assert_eq!(e.vote(2), Some(b"vote".to_vec()));
