@@ -75,6 +75,8 @@ struct LogWriter {
     offset: u64,
     written: u64,
     preparing: Option<Prepared>,
+    /// Whether the active segment was zero-filled ahead (fdatasync into it is cheaper).
+    prefilled: bool,
 }
 
 struct Inner {
@@ -281,6 +283,7 @@ impl Inner {
         log.segment = next_id;
         log.file = file;
         log.offset = SEGMENT_HEADER_LEN;
+        log.prefilled = self.opts.prefill_segments;
         log.preparing = Some(self.prepare(next_id + 1));
         Ok(())
     }
@@ -297,7 +300,13 @@ impl Inner {
         self.check_poison()?;
         validate(&self.groups, batch)?;
         let len = record.len() as u64;
-        if log.offset > SEGMENT_HEADER_LEN && log.offset + len > self.opts.segment_size {
+        let full = log.offset > SEGMENT_HEADER_LEN && log.offset + len > self.opts.segment_size;
+        // The segment made at open is not prefilled (open stays fast); move to the prefilled
+        // one as soon as it is ready.
+        let upgrade = !log.prefilled
+            && self.opts.prefill_segments
+            && log.preparing.as_ref().is_some_and(|h| h.is_finished());
+        if full || upgrade {
             self.rotate(log)?;
         }
         seal_record(record, log.segment, crc_tail);
@@ -414,8 +423,8 @@ impl Engine {
             groups.shard(id).write().insert(id, g);
         }
         let mut files = rec.files;
-        let (segment, file) = match rec.reusable_last {
-            Some((id, file)) => (id, file),
+        let (segment, file, prefilled) = match rec.reusable_last {
+            Some((id, file)) => (id, file, options.prefill_segments),
             None => {
                 // Not prefilled here: opening stays fast; the segments after it are prefilled.
                 let id = rec.next_segment;
@@ -423,7 +432,7 @@ impl Engine {
                     return Err(Error::InvalidArgument("segment ids exhausted".into()));
                 }
                 let file = create_segment(fs.as_ref(), &dir, id, options.segment_size, false)?;
-                (id, file)
+                (id, file, false)
             }
         };
         files.insert(segment, file.clone());
@@ -438,6 +447,7 @@ impl Engine {
                 offset: SEGMENT_HEADER_LEN,
                 written: 0,
                 preparing: None,
+                prefilled,
             }),
             commit: Commit::default(),
             gc_lock: Mutex::new(()),

@@ -75,8 +75,9 @@ impl Model {
     }
 }
 
-fn random_ops(seed: u64, groups: u64, steps: usize) {
-    println!("random_ops seed={seed} groups={groups} steps={steps}");
+fn random_ops(seed: u64, groups: u64, steps: usize, prefill: bool) {
+    let small = || small().prefill_segments(prefill);
+    println!("random_ops seed={seed} groups={groups} steps={steps} prefill={prefill}");
     let dir = tempfile::tempdir().unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut model = Model::default();
@@ -210,12 +211,17 @@ fn seed() -> u64 {
 
 #[test]
 fn random_ops_one_group_survive_reopen() {
-    random_ops(seed(), 1, 600);
+    random_ops(seed(), 1, 600, false);
 }
 
 #[test]
 fn random_ops_thousand_groups_survive_reopen() {
-    random_ops(seed(), 1000, 1500);
+    random_ops(seed(), 1000, 1500, false);
+}
+
+#[test]
+fn random_ops_prefilled_segments_survive_reopen() {
+    random_ops(seed(), 20, 800, true);
 }
 
 #[test]
