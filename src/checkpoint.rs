@@ -20,13 +20,16 @@ const CHECKPOINT_TMP: &str = "CHECKPOINT.tmp";
 const MAGIC: [u8; 8] = *b"MRWALCKP";
 const VERSION: u32 = 1;
 
+/// Keys and values of a group.
+pub(crate) type KeyValues = Vec<(Box<[u8]>, Box<[u8]>)>;
+
 /// One group's metadata in a checkpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct GroupMeta {
     pub(crate) range: Range,
     pub(crate) vote: Option<Box<[u8]>>,
     pub(crate) committed: Option<Box<[u8]>>,
-    pub(crate) kv: Vec<(Box<[u8]>, Box<[u8]>)>,
+    pub(crate) kv: KeyValues,
 }
 
 /// A decoded checkpoint.

@@ -185,3 +185,86 @@ impl Commit {
         self.cv.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    struct FakeSync {
+        written: AtomicU64,
+        syncs: AtomicUsize,
+        fail: bool,
+    }
+
+    impl Syncer for FakeSync {
+        fn sync_active(&self) -> Result<u64> {
+            self.syncs.fetch_add(1, Ordering::SeqCst);
+            if self.fail {
+                return Err(Error::Io {
+                    context: "test".into(),
+                    source: std::io::Error::other("EIO"),
+                });
+            }
+            Ok(self.written.load(Ordering::SeqCst))
+        }
+    }
+
+    #[test]
+    fn one_sync_covers_every_earlier_write_and_callbacks_fire_once() {
+        let c = Commit::default();
+        let s = FakeSync {
+            written: AtomicU64::new(3),
+            syncs: AtomicUsize::new(0),
+            fail: false,
+        };
+        let fired = Arc::new(AtomicUsize::new(0));
+        for seq in 1..=3 {
+            let f = fired.clone();
+            c.add_callback(
+                seq,
+                Box::new(move |r| {
+                    assert!(r.is_ok());
+                    f.fetch_add(1, Ordering::SeqCst);
+                }),
+            );
+        }
+        c.wait_durable(2, &s).unwrap();
+        assert_eq!(s.syncs.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            fired.load(Ordering::SeqCst),
+            3,
+            "the sync covered seq 3 too"
+        );
+        c.wait_durable(3, &s).unwrap();
+        assert_eq!(
+            s.syncs.load(Ordering::SeqCst),
+            1,
+            "already durable: no second sync"
+        );
+    }
+
+    #[test]
+    fn a_failed_sync_poisons_and_is_never_retried() {
+        let c = Commit::default();
+        let s = FakeSync {
+            written: AtomicU64::new(1),
+            syncs: AtomicUsize::new(0),
+            fail: true,
+        };
+        assert!(matches!(c.wait_durable(1, &s), Err(Error::Poisoned { .. })));
+        assert!(matches!(c.wait_durable(1, &s), Err(Error::Poisoned { .. })));
+        assert_eq!(s.syncs.load(Ordering::SeqCst), 1);
+        let got = Arc::new(AtomicUsize::new(0));
+        let g = got.clone();
+        c.add_callback(
+            2,
+            Box::new(move |r| {
+                assert!(r.is_err());
+                g.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        assert_eq!(got.load(Ordering::SeqCst), 1);
+    }
+}

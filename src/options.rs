@@ -140,3 +140,19 @@ impl Options {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        assert!(Options::default().validate().is_ok());
+        assert!(Options::default().segment_size(100).validate().is_err());
+        assert!(Options::default()
+            .segment_size(MAX_SEGMENT_SIZE + 1)
+            .validate()
+            .is_err());
+        assert!(Options::default().recovery_threads(0).validate().is_err());
+    }
+}

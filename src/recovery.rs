@@ -744,3 +744,65 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         report,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{seal_record, BodyBuilder};
+    use crate::segment::encode_header;
+
+    fn segment_with_records(id: u64, n: u64) -> (Vec<u8>, Vec<u64>) {
+        let mut data = encode_header(id).to_vec();
+        let mut ends = Vec::new();
+        for i in 0..n {
+            let mut b = BodyBuilder::default();
+            let mut lens = Vec::new();
+            b.append(1, i + 1, [vec![i as u8; 30]], &mut lens).unwrap();
+            let (mut rec, crc) = b.encode(usize::MAX);
+            seal_record(&mut rec, id, crc);
+            data.extend_from_slice(&rec);
+            ends.push(data.len() as u64);
+        }
+        (data, ends)
+    }
+
+    #[test]
+    fn clean_end_with_zero_padding() {
+        let (mut data, ends) = segment_with_records(3, 5);
+        data.resize(data.len() + 100, 0);
+        let (end, recs, damage, _) = scan_bytes(3, &data, false);
+        assert_eq!((end, recs.len()), (ends[4], 5));
+        assert!(damage.is_none());
+    }
+
+    #[test]
+    fn every_cut_stops_at_the_last_whole_record() {
+        let (data, ends) = segment_with_records(3, 3);
+        for cut in ends[1]..ends[2] {
+            let (end, recs, damage, _) = scan_bytes(3, &data[..cut as usize], false);
+            assert_eq!((end, recs.len()), (ends[1], 2), "cut {cut}");
+            assert_eq!(damage.is_some(), cut > ends[1], "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn records_of_another_segment_do_not_pass() {
+        let (data, _) = segment_with_records(3, 2);
+        let mut moved = encode_header(4).to_vec();
+        moved.extend_from_slice(&data[SEGMENT_HEADER_LEN as usize..]);
+        let (end, recs, damage, _) = scan_bytes(4, &moved, false);
+        assert_eq!((end, recs.len()), (SEGMENT_HEADER_LEN, 0));
+        assert_eq!(damage.map(|d| d.offset), Some(SEGMENT_HEADER_LEN));
+    }
+
+    #[test]
+    fn tolerate_any_skips_a_bad_record_and_continues() {
+        let (mut data, ends) = segment_with_records(3, 3);
+        data[ends[0] as usize + 20] ^= 1;
+        let (_, recs, damage, skipped) = scan_bytes(3, &data, true);
+        assert_eq!(recs.len(), 2);
+        assert!(damage.is_none());
+        assert_eq!(skipped.len(), 1);
+        assert_eq!((skipped[0].start, skipped[0].end), (ends[0], ends[1]));
+    }
+}
