@@ -12,6 +12,8 @@ mod index;
 mod options;
 mod recovery;
 mod segment;
+#[cfg(feature = "openraft")]
+pub mod raft;
 
 pub use batch::WriteBatch;
 pub use engine::{Engine, GcReport, Stats};

@@ -73,12 +73,18 @@ impl BincodeCodec {
     fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> io::Result<T> {
         let (value, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
             .map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("cannot decode {what}: {e}"))
-            })?;
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("cannot decode {what}: {e}"),
+            )
+        })?;
         if used != bytes.len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("cannot decode {what}: {} trailing bytes", bytes.len() - used),
+                format!(
+                    "cannot decode {what}: {} trailing bytes",
+                    bytes.len() - used
+                ),
             ));
         }
         Ok(value)

@@ -118,7 +118,12 @@ fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> io::Result<T> {
     let (value, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("cannot decode {what}: {e}")))?;
+        .map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("cannot decode {what}: {e}"),
+            )
+        })?;
     if used != bytes.len() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -139,13 +144,17 @@ impl KvStateMachine {
     pub fn open(engine: Engine, group: u64) -> io::Result<Self> {
         let mut state = State::default();
         if let Some(bytes) = engine.get(group, SNAPSHOT_KEY) {
-            let (meta, data): (SnapshotMetaOf<KvTypeConfig>, KvSnapshotData) = decode(&bytes, "stored snapshot")?;
+            let (meta, data): (SnapshotMetaOf<KvTypeConfig>, KvSnapshotData) =
+                decode(&bytes, "stored snapshot")?;
             state.map = decode(&data, "snapshot data")?;
-            state.last_applied = meta.last_log_id.clone();
+            state.last_applied = meta.last_log_id;
             state.last_membership = meta.last_membership.clone();
             state.snapshot = Some(StoredSnapshot { meta, data });
         }
-        Ok(Self { state: Arc::new(Mutex::new(state)), home: Some((engine, group)) })
+        Ok(Self {
+            state: Arc::new(Mutex::new(state)),
+            home: Some((engine, group)),
+        })
     }
 
     /// The value of `key`, as of the last applied entry.
@@ -170,7 +179,7 @@ impl KvStateMachine {
 
     /// The log id of the last applied entry.
     pub fn last_applied(&self) -> Option<LogIdOf<KvTypeConfig>> {
-        self.state.lock().last_applied.clone()
+        self.state.lock().last_applied
     }
 
     fn persist(&self, snapshot: &StoredSnapshot) -> io::Result<()> {
@@ -180,37 +189,48 @@ impl KvStateMachine {
         let bytes = encode(&(&snapshot.meta, &snapshot.data))?;
         let mut batch = WriteBatch::new();
         batch.put(*group, SNAPSHOT_KEY, &bytes);
-        engine.write(batch).map_err(|e| io::Error::other(format!("persisting snapshot of group {group}: {e}")))
+        engine
+            .write(batch)
+            .map_err(|e| io::Error::other(format!("persisting snapshot of group {group}: {e}")))
     }
 }
 
 fn apply_request(map: &mut BTreeMap<String, String>, request: KvRequest) -> KvResponse {
     match request {
-        KvRequest::Set { key, value } => KvResponse { previous: map.insert(key, value) },
+        KvRequest::Set { key, value } => KvResponse {
+            previous: map.insert(key, value),
+        },
         KvRequest::SetMany { pairs } => {
             map.extend(pairs);
             KvResponse { previous: None }
         }
-        KvRequest::Delete { key } => KvResponse { previous: map.remove(&key) },
+        KvRequest::Delete { key } => KvResponse {
+            previous: map.remove(&key),
+        },
     }
 }
 
 impl RaftSnapshotBuilder<KvTypeConfig> for KvStateMachine {
     type SnapshotData = KvSnapshotData;
 
-    async fn build_snapshot(&mut self) -> Result<SnapshotOf<KvTypeConfig, KvSnapshotData>, io::Error> {
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<SnapshotOf<KvTypeConfig, KvSnapshotData>, io::Error> {
         let snapshot = {
             let state = self.state.lock();
             let data = encode(&state.map)?;
             let meta = SnapshotMetaOf::<KvTypeConfig> {
-                last_log_id: state.last_applied.clone(),
+                last_log_id: state.last_applied,
                 last_membership: state.last_membership.clone(),
             };
             StoredSnapshot { meta, data }
         };
         self.persist(&snapshot)?;
         self.state.lock().snapshot = Some(snapshot.clone());
-        Ok(Snapshot { meta: snapshot.meta, snapshot: snapshot.data })
+        Ok(Snapshot {
+            meta: snapshot.meta,
+            snapshot: snapshot.data,
+        })
     }
 }
 
@@ -220,9 +240,15 @@ impl RaftStateMachine<KvTypeConfig> for KvStateMachine {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogIdOf<KvTypeConfig>>, StoredMembershipOf<KvTypeConfig>), io::Error> {
+    ) -> Result<
+        (
+            Option<LogIdOf<KvTypeConfig>>,
+            StoredMembershipOf<KvTypeConfig>,
+        ),
+        io::Error,
+    > {
         let state = self.state.lock();
-        Ok((state.last_applied.clone(), state.last_membership.clone()))
+        Ok((state.last_applied, state.last_membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -233,12 +259,13 @@ impl RaftStateMachine<KvTypeConfig> for KvStateMachine {
             let (entry, responder) = item?;
             let response = {
                 let mut state = self.state.lock();
-                state.last_applied = Some(entry.log_id.clone());
+                state.last_applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => KvResponse::default(),
                     EntryPayload::Normal(request) => apply_request(&mut state.map, request),
                     EntryPayload::Membership(membership) => {
-                        state.last_membership = StoredMembership::new(Some(entry.log_id.clone()), membership);
+                        state.last_membership =
+                            StoredMembership::new(Some(entry.log_id), membership);
                         KvResponse::default()
                     }
                 }
@@ -260,18 +287,26 @@ impl RaftStateMachine<KvTypeConfig> for KvStateMachine {
         snapshot: KvSnapshotData,
     ) -> Result<(), io::Error> {
         let map: BTreeMap<String, String> = decode(&snapshot, "snapshot data")?;
-        let stored = StoredSnapshot { meta: meta.clone(), data: snapshot };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: snapshot,
+        };
         self.persist(&stored)?;
         let mut state = self.state.lock();
         state.map = map;
-        state.last_applied = meta.last_log_id.clone();
+        state.last_applied = meta.last_log_id;
         state.last_membership = meta.last_membership.clone();
         state.snapshot = Some(stored);
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<KvTypeConfig, KvSnapshotData>>, io::Error> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<SnapshotOf<KvTypeConfig, KvSnapshotData>>, io::Error> {
         let state = self.state.lock();
-        Ok(state.snapshot.clone().map(|s| Snapshot { meta: s.meta, snapshot: s.data }))
+        Ok(state.snapshot.clone().map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: s.data,
+        }))
     }
 }

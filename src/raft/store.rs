@@ -9,7 +9,9 @@ use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::type_config::TypeConfigExt;
-use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, RaftTypeConfig, StorageError};
+use openraft::{
+    ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, RaftTypeConfig, StorageError,
+};
 
 use super::codec::{BincodeCodec, Codec};
 use crate::{Engine, Error, WriteBatch};
@@ -227,13 +229,23 @@ pub(crate) fn engine_err<C: RaftTypeConfig>(
         }
         _ => io::ErrorKind::Other,
     };
-    io::Error::new(kind, StorageError::<C>::new(subject, verb, C::err_from_error(&err)))
+    io::Error::new(
+        kind,
+        StorageError::<C>::new(subject, verb, C::err_from_error(&err)),
+    )
 }
 
 /// Wraps a codec error the same way, keeping its kind.
-fn codec_err<C: RaftTypeConfig>(subject: ErrorSubject<C>, verb: ErrorVerb, err: io::Error) -> io::Error {
+fn codec_err<C: RaftTypeConfig>(
+    subject: ErrorSubject<C>,
+    verb: ErrorVerb,
+    err: io::Error,
+) -> io::Error {
     let kind = err.kind();
-    io::Error::new(kind, StorageError::<C>::new(subject, verb, C::err_from_error(&err)))
+    io::Error::new(
+        kind,
+        StorageError::<C>::new(subject, verb, C::err_from_error(&err)),
+    )
 }
 
 impl<C: RaftTypeConfig, K: Codec<C>> RaftLogReader<C> for GroupLogStore<C, K> {
@@ -255,7 +267,11 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogReader<C> for GroupLogStore<C, K> {
         }
     }
 
-    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<EntryOf<C>>, io::Error> {
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<EntryOf<C>>, io::Error> {
         self.read_entries(start..end, self.max_read_bytes)
     }
 }
@@ -269,7 +285,10 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogStorage<C> for GroupLogStore<C, K> {
             Some(id) => Some(id),
             None => last_purged_log_id.clone(),
         };
-        Ok(LogState { last_purged_log_id, last_log_id })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -334,7 +353,10 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogStorage<C> for GroupLogStore<C, K> {
                         ErrorVerb::Write,
                         io::Error::new(
                             io::ErrorKind::InvalidInput,
-                            format!("append: index {index} follows {}; entries must be contiguous", next_index - 1),
+                            format!(
+                                "append: index {index} follows {}; entries must be contiguous",
+                                next_index - 1
+                            ),
                         ),
                     ));
                 }
@@ -364,7 +386,9 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogStorage<C> for GroupLogStore<C, K> {
         // The engine calls this exactly once, after the fdatasync covering the batch (or with
         // the error that prevented it), possibly on another thread.
         let on_durable = move |result: crate::Result<()>| {
-            callback.io_completed(result.map_err(|e| engine_err::<C>(ErrorSubject::Logs, ErrorVerb::Write, e)));
+            callback.io_completed(
+                result.map_err(|e| engine_err::<C>(ErrorSubject::Logs, ErrorVerb::Write, e)),
+            );
         };
         self.engine
             .write_async(batch, on_durable)
@@ -390,7 +414,9 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogStorage<C> for GroupLogStore<C, K> {
             .encode_log_id(&log_id)
             .map_err(|e| codec_err::<C>(ErrorSubject::Log(log_id.clone()), ErrorVerb::Delete, e))?;
         let mut batch = WriteBatch::new();
-        batch.purge_to(self.group, log_id.index()).put(self.group, LAST_PURGED_KEY, &bytes);
+        batch
+            .purge_to(self.group, log_id.index())
+            .put(self.group, LAST_PURGED_KEY, &bytes);
         self.engine
             .write_unsynced(batch)
             .map_err(|e| engine_err::<C>(ErrorSubject::Log(log_id), ErrorVerb::Delete, e))
