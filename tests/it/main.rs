@@ -1,4 +1,8 @@
 //! One integration-test binary (see each module's opening comment).
+mod corruption; // truncation, bit flips, deleted, stray and stale files on real segment files
+mod crash_explorer; // crash at every I/O point of a scripted workload on the simulated FS
 mod engine; // the engine API against an in-memory model, reopen, GC, torn tails, poisoning
+mod faults; // EIO and ENOSPC injected at every call site
+mod simfs; // the simulated file system (durable vs live images, crashes, faults)
 mod raft_suite; // openraft's log-store suite: fresh engine per sub-test, and 64 suites on one engine
 mod raft_durability; // append callbacks vs fdatasync, write errors, restarts with 1 and 1,000 groups, isolation
