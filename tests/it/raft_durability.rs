@@ -450,9 +450,11 @@ async fn check_group(engine: &Engine, group: u64, exp: &Expect) -> anyhow::Resul
 async fn reopen_keeps_everything(groups: u64) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(seed());
     let dir = TempDir::new()?;
+    // Small segments, so that the groups' histories span several of them.
+    let options = || Options::default().segment_size(256 << 10);
     let mut expected = BTreeMap::new();
     {
-        let engine = Engine::open(dir.path(), Options::default())?;
+        let engine = Engine::open(dir.path(), options())?;
         let mut pending = Vec::new();
         for group in 1..=groups {
             let mut store = Store::new(engine.clone(), group);
@@ -467,7 +469,8 @@ async fn reopen_keeps_everything(groups: u64) -> anyhow::Result<()> {
             check_group(&engine, *group, exp).await?;
         }
     }
-    let engine = Engine::open(dir.path(), Options::default())?;
+    let engine = Engine::open(dir.path(), options())?;
+    assert!(engine.stats().segments > 1 || groups == 1, "the history fits one segment");
     for (group, exp) in &expected {
         check_group(&engine, *group, exp).await?;
     }

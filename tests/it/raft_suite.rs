@@ -33,7 +33,9 @@ impl StoreBuilder<KvTypeConfig, Store, KvStateMachine, FreshGuard> for FreshEngi
         &self,
     ) -> Result<(FreshGuard, Store, KvStateMachine), StorageError<KvTypeConfig>> {
         let dir = TempDir::new().map_err(sto_err)?;
-        let engine = Engine::open(dir.path(), Options::default()).map_err(sto_err)?;
+        // Small segments: cheap to create 46 times, and rotation happens within a sub-test.
+        let options = Options::default().segment_size(64 << 10);
+        let engine = Engine::open(dir.path(), options).map_err(sto_err)?;
         let store = GroupLogStore::new(engine.clone(), 7);
         let sm = KvStateMachine::open(engine.clone(), 7).map_err(sto_err)?;
         Ok((
@@ -77,7 +79,7 @@ impl StoreBuilder<KvTypeConfig, Store, KvStateMachine, ()> for SharedEngine {
 async fn suite_64_concurrent_groups_one_engine() -> anyhow::Result<()> {
     const SUITES: usize = 64;
     let dir = TempDir::new()?;
-    let engine = Engine::open(dir.path(), Options::default())?;
+    let engine = Engine::open(dir.path(), Options::default().segment_size(1 << 20))?;
     let builder = SharedEngine {
         engine: engine.clone(),
         next_group: Arc::new(AtomicU64::new(1)),
