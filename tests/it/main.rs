@@ -7,3 +7,4 @@ mod simfs; // the simulated file system (durable vs live images, crashes, faults
 mod raft_suite; // openraft's log-store suite: fresh engine per sub-test, and 64 suites on one engine
 mod raft_durability; // append callbacks vs fdatasync, write errors, restarts with 1 and 1,000 groups, isolation
 mod kill; // SIGKILL a child writer at random points, then check every acknowledged batch
+mod prop_recovery; // seeded proptest of the fuzz inputs: hostile directory images never panic or lie
