@@ -470,7 +470,10 @@ async fn reopen_keeps_everything(groups: u64) -> anyhow::Result<()> {
         }
     }
     let engine = Engine::open(dir.path(), options())?;
-    assert!(engine.stats().segments > 1 || groups == 1, "the history fits one segment");
+    assert!(
+        engine.stats().segments > 1 || groups == 1,
+        "the history fits one segment"
+    );
     for (group, exp) in &expected {
         check_group(&engine, *group, exp).await?;
     }
