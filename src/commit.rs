@@ -30,6 +30,9 @@ struct State {
 pub(crate) struct Commit {
     state: Mutex<State>,
     cv: Condvar,
+    /// Serializes every fdatasync of a segment, so that a sync that returns `Ok` after another
+    /// failed (the kernel may have dropped the failed sync's dirty pages) is never believed.
+    sync_lock: Mutex<()>,
 }
 
 /// What a sync leader must do: sync a file covering writes up to `target`.
@@ -54,10 +57,29 @@ impl Commit {
         self.cv.notify_all();
     }
 
+    /// Runs one fdatasync of a segment. Syncs are serialized; none runs once the engine is
+    /// poisoned, and a failure poisons the engine before the next sync can start. So an `Ok`
+    /// here means no sync failed before this one: its durability is real.
+    pub(crate) fn guarded_sync(
+        &self,
+        what: &str,
+        sync: impl FnOnce() -> std::io::Result<()>,
+    ) -> Result<()> {
+        let _serial = self.sync_lock.lock();
+        if let Some(reason) = self.poisoned() {
+            return Err(Error::Poisoned { reason });
+        }
+        sync().map_err(|e| {
+            let err = Error::io(what, e);
+            self.poison(format!("{err}"));
+            err
+        })
+    }
+
     /// Records that everything up to `seq` is durable (a rotation fsynced the old segment).
     pub(crate) fn mark_synced(&self, seq: u64) {
         let mut st = self.state.lock();
-        if seq > st.synced {
+        if st.poisoned.is_none() && seq > st.synced {
             st.synced = seq;
             self.cv.notify_all();
         }
@@ -122,6 +144,12 @@ impl Commit {
             st = self.state.lock();
             st.leader = false;
             match result {
+                // Once poisoned, nothing more is acknowledged, even what this sync covered.
+                Ok(_) if st.poisoned.is_some() => {
+                    self.cv.notify_all();
+                    let reason = st.poisoned.clone().unwrap_or_default();
+                    return Err(Error::Poisoned { reason });
+                }
                 Ok(durable) => {
                     if durable > st.synced {
                         st.synced = durable;

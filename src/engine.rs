@@ -133,8 +133,8 @@ impl Syncer for Inner {
             let log = self.log.lock();
             (log.file.clone(), log.written)
         };
-        file.sync_data()
-            .map_err(|e| Error::io("fdatasync of the active segment", e))?;
+        self.commit
+            .guarded_sync("fdatasync of the active segment", || file.sync_data())?;
         Ok(target)
     }
 }
@@ -272,12 +272,14 @@ impl Inner {
         if next_id > u64::from(u32::MAX) {
             return Err(self.fail(Error::InvalidArgument("segment ids exhausted".into())));
         }
-        if let Err(e) = log.file.sync_data() {
-            return Err(self.fail(Error::io(
-                format!("fdatasync of segment {} before rotation", log.segment),
-                e,
-            )));
+        if !log.prefilled && log.offset < self.opts.segment_size / 2 {
+            // Left early for a prefilled segment: give back the space reserved beyond the data.
+            if let Err(e) = log.file.set_len(log.offset) {
+                return Err(self.fail(Error::io(format!("trimming segment {}", log.segment), e)));
+            }
         }
+        let what = format!("fdatasync of segment {} before rotation", log.segment);
+        self.commit.guarded_sync(&what, || log.file.sync_data())?;
         self.commit.mark_synced(log.written);
         self.segments.write().insert(next_id, file.clone());
         log.segment = next_id;
