@@ -1,4 +1,4 @@
-//! multiraft-wal: one segmented, group-committed write-ahead log for many Raft groups.
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 mod batch;
@@ -10,10 +10,10 @@ mod error;
 pub mod fs;
 mod index;
 mod options;
-mod recovery;
-mod segment;
 #[cfg(feature = "openraft")]
 pub mod raft;
+mod recovery;
+mod segment;
 
 pub use batch::WriteBatch;
 pub use engine::{Engine, GcReport, Stats};
