@@ -364,38 +364,48 @@ impl Inner {
     }
 
     /// Reads and checks the record at `run`, returning its raw body.
-    fn read_record(&self, file: &dyn FsFile, run: &Run) -> Result<Vec<u8>> {
+    /// Reads and checks the record at `run`; returns its raw (decompressed) body.
+    fn read_record(&self, file: &dyn FsFile, run: &Run) -> Result<RawBody> {
         let seg = u64::from(run.segment);
         let mut buf = vec![0u8; run.rec_len as usize];
         file.read_exact_at(&mut buf, u64::from(run.rec_off))
             .map_err(|e| Error::io(format!("reading segment {seg} at {}", run.rec_off), e))?;
-        let mut hb = [0u8; RECORD_HEADER_LEN];
-        hb.copy_from_slice(&buf[..RECORD_HEADER_LEN]);
         let corrupt = |reason: String| Error::corruption(seg, u64::from(run.rec_off), reason);
+        let mut hb = [0u8; RECORD_HEADER_LEN];
+        hb.copy_from_slice(
+            buf.get(..RECORD_HEADER_LEN)
+                .ok_or_else(|| corrupt("short record".into()))?,
+        );
         let header = RecordHeader::parse(&hb)
             .map_err(|e| corrupt(format!("record header: {e}")))?
             .ok_or_else(|| corrupt("record header is zero".into()))?;
         let raw = verify_record(seg, &header, &buf).map_err(|e| corrupt(format!("record: {e}")))?;
         Ok(match raw {
-            std::borrow::Cow::Owned(v) => v,
-            std::borrow::Cow::Borrowed(_) => {
-                buf.drain(..RECORD_HEADER_LEN);
-                buf
-            }
+            std::borrow::Cow::Owned(v) => RawBody { buf: v, start: 0 },
+            std::borrow::Cow::Borrowed(_) => RawBody {
+                buf,
+                start: RECORD_HEADER_LEN,
+            },
         })
     }
 
-    fn slice(raw: &[u8], loc: &EntryLoc, seg: u32) -> Result<Vec<u8>> {
-        let start = loc.span.off as usize;
+    fn slice(raw: &RawBody, loc: &EntryLoc) -> Result<Vec<u8>> {
+        let start = raw.start + loc.span.off as usize;
         let end = start + loc.span.len as usize;
-        raw.get(start..end).map(<[u8]>::to_vec).ok_or_else(|| {
+        raw.buf.get(start..end).map(<[u8]>::to_vec).ok_or_else(|| {
             Error::corruption(
-                u64::from(seg),
+                u64::from(loc.run.segment),
                 u64::from(loc.run.rec_off),
                 "entry outside its record",
             )
         })
     }
+}
+
+/// A record's raw body: `buf[start..]`.
+struct RawBody {
+    buf: Vec<u8>,
+    start: usize,
 }
 
 impl Engine {
@@ -531,7 +541,7 @@ impl Engine {
             return Ok(None);
         };
         let raw = inner.read_record(file?.as_ref(), &loc.run)?;
-        Inner::slice(&raw, &loc, loc.run.segment).map(Some)
+        Inner::slice(&raw, &loc).map(Some)
     }
 
     /// Entries of `group` from `range.start`, contiguous, stopping before `range.end`, at the
@@ -572,14 +582,14 @@ impl Engine {
             })
             .transpose()?;
         let mut out = Vec::with_capacity(locs.len());
-        let mut current: Option<(Run, Vec<u8>)> = None;
+        let mut current: Option<(Run, RawBody)> = None;
         for (loc, file) in &locs {
             if current.as_ref().is_none_or(|(run, _)| *run != loc.run) {
                 let raw = inner.read_record(file.as_ref(), &loc.run)?;
                 current = Some((loc.run, raw));
             }
             if let Some((_, raw)) = &current {
-                out.push(Inner::slice(raw, loc, loc.run.segment)?);
+                out.push(Inner::slice(raw, loc)?);
             }
         }
         Ok(out)
