@@ -16,7 +16,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// An open file.
-#[expect(clippy::len_without_is_empty, reason = "a file's length is read, never tested for emptiness")]
+#[expect(
+    clippy::len_without_is_empty,
+    reason = "a file's length is read, never tested for emptiness"
+)]
 pub trait FsFile: Send + Sync + fmt::Debug {
     /// Reads exactly `buf.len()` bytes at `offset`; fails with `UnexpectedEof` past the end.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

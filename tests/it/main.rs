@@ -1,11 +1,25 @@
-//! One integration-test binary (see each module's opening comment).
-mod corruption; // truncation, bit flips, deleted, stray and stale files on real segment files
-mod crash_explorer; // crash at every I/O point of a scripted workload on the simulated FS
-mod engine; // the engine API against an in-memory model, reopen, GC, torn tails, poisoning
-mod faults; // EIO and ENOSPC injected at every call site
-mod kill; // SIGKILL a child writer at random points, then check every acknowledged batch
-mod prop_recovery; // seeded proptest of the fuzz inputs: hostile directory images never panic or lie
-mod raft_cluster; // 3 openraft nodes x 4 groups in one process: restart from disk, leader change, all writes everywhere
-mod raft_durability; // append callbacks vs fdatasync, write errors, restarts with 1 and 1,000 groups, isolation
-mod raft_suite; // openraft's log-store suite: fresh engine per sub-test, and 64 suites on one engine
-mod simfs; // the simulated file system (durable vs live images, crashes, faults)
+//! One integration-test binary. Modules:
+//! - `engine`: the engine API against an in-memory model, reopen, GC, torn tails, poisoning.
+//! - `simfs`: the simulated file system (durable vs live images, crashes, faults).
+//! - `crash_explorer`: crash at every I/O point of a scripted workload on the simulated FS.
+//! - `corruption`: truncation, bit flips, deleted, stray and stale files on real segment files.
+//! - `faults`: EIO and ENOSPC injected at every call site.
+//! - `kill`: SIGKILL a child writer at random points, then check every acknowledged batch.
+//! - `prop_recovery`: seeded proptest of the fuzz inputs: hostile images never panic or lie.
+//! - `raft_suite`: openraft's log-store suite, fresh engine per sub-test and 64 suites on one engine.
+//! - `raft_durability`: append callbacks vs fdatasync, write errors, restarts, group isolation.
+//! - `raft_cluster`: 3 openraft nodes x 4 groups in one process: restart, leader change.
+
+mod corruption;
+mod crash_explorer;
+mod engine;
+mod faults;
+mod kill;
+mod prop_recovery;
+#[cfg(feature = "openraft")]
+mod raft_cluster;
+#[cfg(feature = "openraft")]
+mod raft_durability;
+#[cfg(feature = "openraft")]
+mod raft_suite;
+mod simfs;
