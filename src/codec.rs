@@ -220,8 +220,8 @@ pub enum Op<'a> {
         group: u64,
         /// Index of the first entry.
         first: u64,
-        /// Payload positions in the raw body.
-        spans: Vec<EntrySpan>,
+        /// Where the entries' payload positions are in the span list the decoder filled.
+        spans: std::ops::Range<usize>,
     },
     /// Remove entries `index..`.
     Truncate {
@@ -276,17 +276,44 @@ pub enum Op<'a> {
 
 /// Decodes a raw body into its operations. Entry spans are checked to lie inside the payload
 /// area, in order and without overlap.
-pub fn decode_body(raw: &[u8]) -> Result<Vec<Op<'_>>, DecodeError> {
+pub fn decode_body(raw: &[u8]) -> Result<(Vec<Op<'_>>, Vec<EntrySpan>), DecodeError> {
+    let mut ops = Vec::new();
+    let mut spans = Vec::new();
+    decode_body_into(raw, &mut spans, |op| ops.push(op))?;
+    Ok((ops, spans))
+}
+
+/// Decodes a raw body, appending entry spans to `spans` (an append op names its spans by their
+/// positions there) and handing each op to `sink`. On error, ops already handed over belong to
+/// a bad body: the caller must drop them, and `spans` is restored to its length on entry.
+pub fn decode_body_into<'a>(
+    raw: &'a [u8],
+    spans: &mut Vec<EntrySpan>,
+    sink: impl FnMut(Op<'a>),
+) -> Result<(), DecodeError> {
+    let start = spans.len();
+    let r = decode_inner(raw, spans, sink);
+    if r.is_err() {
+        spans.truncate(start);
+    }
+    r
+}
+
+fn decode_inner<'a>(
+    raw: &'a [u8],
+    spans: &mut Vec<EntrySpan>,
+    mut sink: impl FnMut(Op<'a>),
+) -> Result<(), DecodeError> {
     if raw.len() > u32::MAX as usize {
         return Err(DecodeError::Invalid("body length"));
     }
+    let spans_start = spans.len();
     let mut r = Reader::new(raw);
     let count = r.varint()?;
-    // Every op takes at least two bytes: a bound that keeps the allocation honest.
+    // Every op takes at least two bytes.
     if count > r.remaining() as u64 / 2 {
         return Err(DecodeError::Invalid("op count"));
     }
-    let mut ops = Vec::with_capacity(count as usize);
     let mut payload_total: u64 = 0;
     for _ in 0..count {
         let tag = r.u8()?;
@@ -301,7 +328,8 @@ pub fn decode_body(raw: &[u8]) -> Result<Vec<Op<'_>>, DecodeError> {
                 if first.checked_add(n - 1).is_none() {
                     return Err(DecodeError::Invalid("entry index"));
                 }
-                let mut spans = Vec::with_capacity(n as usize);
+                let at = spans.len();
+                spans.reserve(n as usize);
                 for _ in 0..n {
                     let len = r.varint()?;
                     if len > u64::from(u32::MAX) {
@@ -320,7 +348,7 @@ pub fn decode_body(raw: &[u8]) -> Result<Vec<Op<'_>>, DecodeError> {
                 Op::Append {
                     group,
                     first,
-                    spans,
+                    spans: at..spans.len(),
                 }
             }
             OP_TRUNCATE => Op::Truncate {
@@ -351,20 +379,16 @@ pub fn decode_body(raw: &[u8]) -> Result<Vec<Op<'_>>, DecodeError> {
             OP_REMOVE_GROUP => Op::RemoveGroup { group },
             _ => return Err(DecodeError::Invalid("op tag")),
         };
-        ops.push(op);
+        sink(op);
     }
     let base = r.pos() as u64;
     if base + payload_total != raw.len() as u64 {
         return Err(DecodeError::Invalid("payload area length"));
     }
-    for op in &mut ops {
-        if let Op::Append { spans, .. } = op {
-            for s in spans.iter_mut() {
-                s.off += base as u32;
-            }
-        }
+    for s in &mut spans[spans_start..] {
+        s.off += base as u32;
     }
-    Ok(ops)
+    Ok(())
 }
 
 /// Builds the ops section and payload area of a batch body.
@@ -516,7 +540,7 @@ mod tests {
         let header = RecordHeader::parse(&h).unwrap().unwrap();
         assert_eq!(header.flags & FLAG_LZ4 != 0, threshold < 1000);
         let raw = verify_record(5, &header, &rec).unwrap();
-        let ops = decode_body(&raw).unwrap();
+        let (ops, all_spans) = decode_body(&raw).unwrap();
         assert_eq!(ops.len(), 5);
         match &ops[0] {
             Op::Append {
@@ -524,7 +548,7 @@ mod tests {
                 first: 10,
                 spans,
             } => {
-                let s = spans[1];
+                let s = all_spans[spans.clone()][1];
                 assert_eq!(&raw[s.off as usize..(s.off + s.len) as usize], b"world!");
             }
             other => panic!("unexpected {other:?}"),

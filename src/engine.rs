@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range as StdRange;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -87,6 +88,8 @@ struct Inner {
     segments: RwLock<BTreeMap<u64, Arc<dyn FsFile>>>,
     log: Mutex<LogWriter>,
     commit: Commit,
+    /// Writers between entering the write path and having written their record.
+    in_flight: AtomicUsize,
     gc_lock: Mutex<()>,
     report: RecoveryReport,
     _lock: Box<dyn DirLock>,
@@ -127,8 +130,27 @@ pub struct Stats {
     pub synced_batches: u64,
 }
 
+/// Counts a writer out of the write path when dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How long an fsync leader waits for writers already in the write path to finish their write,
+/// so that one fdatasync covers them too. Bounded, and skipped when no writer is in flight.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(150);
+
 impl Syncer for Inner {
     fn sync_active(&self) -> Result<u64> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            let start = std::time::Instant::now();
+            while self.in_flight.load(Ordering::SeqCst) > 0 && start.elapsed() < LINGER {
+                std::thread::yield_now();
+            }
+        }
         let (file, target) = {
             let log = self.log.lock();
             (log.file.clone(), log.written)
@@ -272,8 +294,9 @@ impl Inner {
         if next_id > u64::from(u32::MAX) {
             return Err(self.fail(Error::InvalidArgument("segment ids exhausted".into())));
         }
-        if !log.prefilled && log.offset < self.opts.segment_size / 2 {
-            // Left early for a prefilled segment: give back the space reserved beyond the data.
+        // A sealed segment ends with its last record: recovery reads no zero tail, and the space
+        // reserved beyond the data goes back to the file system.
+        if log.file.len().map_or(true, |l| l > log.offset) {
             if let Err(e) = log.file.set_len(log.offset) {
                 return Err(self.fail(Error::io(format!("trimming segment {}", log.segment), e)));
             }
@@ -348,6 +371,8 @@ impl Inner {
                 batch.body.raw_len()
             )));
         }
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let _done = InFlight(&self.in_flight);
         let (mut record, crc_tail) = batch.body.encode(self.opts.compression_threshold);
         let mut log = self.log.lock();
         self.write_locked(&mut log, batch, &mut record, crc_tail)
@@ -363,7 +388,6 @@ impl Inner {
             })
     }
 
-    /// Reads and checks the record at `run`, returning its raw body.
     /// Reads and checks the record at `run`; returns its raw (decompressed) body.
     fn read_record(&self, file: &dyn FsFile, run: &Run) -> Result<RawBody> {
         let seg = u64::from(run.segment);
@@ -435,7 +459,10 @@ impl Engine {
             groups.shard(id).write().insert(id, g);
         }
         let mut files = rec.files;
-        let (segment, file, prefilled) = match rec.reusable_last {
+        // Reuse the empty segments at the end of the log: the oldest takes writes, the next one
+        // (prefilled by the previous run) is the next to rotate to, and any others are removed.
+        let mut empty_tail = rec.empty_tail.into_iter();
+        let (segment, file, prefilled) = match empty_tail.next() {
             Some((id, file)) => (id, file, options.prefill_segments),
             None => {
                 // Not prefilled here: opening stays fast; the segments after it are prefilled.
@@ -447,6 +474,18 @@ impl Engine {
                 (id, file, false)
             }
         };
+        let ready_next = empty_tail.next();
+        let extra: Vec<u64> = empty_tail.map(|(id, _)| id).collect();
+        for id in &extra {
+            files.remove(id);
+            fs.remove(&dir.join(segment_name(*id)))
+                .map_err(|e| Error::io(format!("removing unused segment {id}"), e))?;
+        }
+        if !extra.is_empty() {
+            fs.sync_dir(&dir).map_err(|e| {
+                Error::io("syncing the directory after removing unused segments", e)
+            })?;
+        }
         files.insert(segment, file.clone());
         let inner = Arc::new(Inner {
             dir,
@@ -462,6 +501,7 @@ impl Engine {
                 prefilled,
             }),
             commit: Commit::default(),
+            in_flight: AtomicUsize::new(0),
             gc_lock: Mutex::new(()),
             report: rec.report,
             _lock: lock,
@@ -469,7 +509,10 @@ impl Engine {
         });
         {
             let mut log = inner.log.lock();
-            log.preparing = Some(inner.prepare(segment + 1));
+            log.preparing = Some(match ready_next {
+                Some((id, file)) if id == segment + 1 => std::thread::spawn(move || Ok(file)),
+                _ => inner.prepare(segment + 1),
+            });
         }
         let flusher_inner = inner.clone();
         let flusher = std::thread::Builder::new()

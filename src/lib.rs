@@ -33,6 +33,8 @@ pub mod fuzzing {
 
     /// Decodes a raw batch body; returns the number of operations.
     pub fn decode_body(raw: &[u8]) -> Option<usize> {
-        crate::codec::decode_body(raw).ok().map(|ops| ops.len())
+        crate::codec::decode_body(raw)
+            .ok()
+            .map(|(ops, _)| ops.len())
     }
 }

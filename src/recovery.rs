@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::codec::{
-    decode_body, verify_record, DecodeError, EntrySpan, Op, RecordHeader, RECORD_HEADER_LEN,
+    decode_body_into, verify_record, EntrySpan, Op, RecordHeader, RECORD_HEADER_LEN,
 };
 use crate::error::{Error, Result};
 use crate::fs::{FileSystem, FsFile};
@@ -71,7 +71,8 @@ enum ReplayOp {
     Append {
         group: u64,
         first: u64,
-        spans: Vec<EntrySpan>,
+        /// Positions in the segment's span list.
+        spans: std::ops::Range<usize>,
     },
     Truncate {
         group: u64,
@@ -107,7 +108,18 @@ enum ReplayOp {
 struct ScannedRecord {
     offset: u32,
     len: u32,
+    /// End of this record's ops in the segment's op list (they start where the previous
+    /// record's end).
+    ops_end: usize,
+}
+
+/// Everything decoded from one segment, in three flat lists (few allocations for millions of
+/// entries).
+#[derive(Debug, Default)]
+struct Records {
+    recs: Vec<ScannedRecord>,
     ops: Vec<ReplayOp>,
+    spans: Vec<EntrySpan>,
 }
 
 /// The first damaged spot of a segment, when recovery stopped there.
@@ -122,7 +134,7 @@ struct SegmentScan {
     id: u64,
     file: Arc<dyn FsFile>,
     file_len: u64,
-    records: Vec<ScannedRecord>,
+    records: Records,
     /// End of the last good record.
     valid_end: u64,
     damage: Option<Damage>,
@@ -133,8 +145,8 @@ struct SegmentScan {
 pub(crate) struct Recovered {
     pub(crate) groups: HashMap<u64, Group>,
     pub(crate) files: BTreeMap<u64, Arc<dyn FsFile>>,
-    /// The last segment, its id, file and end of data, if it holds no record and can take writes.
-    pub(crate) reusable_last: Option<(u64, Arc<dyn FsFile>)>,
+    /// The trailing segments that hold no record (oldest first): they can take writes.
+    pub(crate) empty_tail: Vec<(u64, Arc<dyn FsFile>)>,
     /// Id for the next segment to create.
     pub(crate) next_segment: u64,
     pub(crate) report: RecoveryReport,
@@ -183,23 +195,69 @@ pub fn scan_records(
     let scan = scan_bytes(id, data, tolerate_any);
     (
         scan.0,
-        scan.1.len(),
+        scan.1.recs.len(),
         scan.2.map(|d| (d.offset, d.reason)),
         scan.3,
     )
 }
 
-type ScanParts = (u64, Vec<ScannedRecord>, Option<Damage>, Vec<SkippedRange>);
+type ScanParts = (u64, Records, Option<Damage>, Vec<SkippedRange>);
+
+/// What is at a position of a segment.
+enum Found {
+    /// A good record of this many bytes (decoded into the lists).
+    Record(u64),
+    /// The clean end: zeros to the end of the file.
+    End,
+    /// Damage; the damaged record's length if it was readable.
+    Bad(String, Option<u64>),
+}
+
+fn decode_at(id: u64, pos: u64, rest: &[u8], out: &mut Records) -> Found {
+    if rest.len() < RECORD_HEADER_LEN || rest[..RECORD_HEADER_LEN].iter().all(|&b| b == 0) {
+        if rest.iter().all(|&b| b == 0) {
+            return Found::End;
+        }
+        if rest.len() < RECORD_HEADER_LEN {
+            return Found::Bad("truncated record header".into(), None);
+        }
+        return Found::Bad("non-zero bytes after a zero record header".into(), None);
+    }
+    let mut hb = [0u8; RECORD_HEADER_LEN];
+    hb.copy_from_slice(&rest[..RECORD_HEADER_LEN]);
+    let header = match RecordHeader::parse(&hb) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Found::Bad("zero record header".into(), None),
+        Err(e) => return Found::Bad(format!("record header: {e}"), None),
+    };
+    let rec_len = header.record_len();
+    if rec_len > rest.len() as u64 {
+        return Found::Bad("record extends past the end of the file".into(), None);
+    }
+    let raw = match verify_record(id, &header, &rest[..rec_len as usize]) {
+        Ok(raw) => raw,
+        Err(e) => return Found::Bad(format!("record: {e}"), Some(rec_len)),
+    };
+    let ops_start = out.ops.len();
+    let ops = &mut out.ops;
+    let decoded = decode_body_into(&raw, &mut out.spans, |op| ops.push(to_replay(op)));
+    if let Err(e) = decoded {
+        out.ops.truncate(ops_start);
+        return Found::Bad(format!("record body: {e}"), Some(rec_len));
+    }
+    out.recs.push(ScannedRecord {
+        offset: pos as u32,
+        len: rec_len as u32,
+        ops_end: out.ops.len(),
+    });
+    Found::Record(rec_len)
+}
 
 fn scan_bytes(id: u64, data: &[u8], tolerate_any: bool) -> ScanParts {
     let len = data.len() as u64;
-    let mut records = Vec::new();
+    let mut out = Records::default();
     let mut skipped = Vec::new();
     if let Err(reason) = check_header(id, data) {
-        let damage = Damage {
-            offset: 0,
-            reason: reason.to_owned(),
-        };
         if tolerate_any {
             skipped.push(SkippedRange {
                 segment: id,
@@ -208,107 +266,50 @@ fn scan_bytes(id: u64, data: &[u8], tolerate_any: bool) -> ScanParts {
                 reason: reason.to_owned(),
             });
         }
-        return (0, records, Some(damage), skipped);
+        return (
+            0,
+            out,
+            Some(Damage {
+                offset: 0,
+                reason: reason.to_owned(),
+            }),
+            skipped,
+        );
     }
     let mut pos = SEGMENT_HEADER_LEN;
     let mut valid_end = pos;
-    loop {
-        if pos >= len {
-            return (valid_end, records, None, skipped);
-        }
-        // `pos < len <= data.len()`: the slices below stay in bounds.
-        let rest = &data[pos as usize..];
-        let bad = |reason: String, extent: Option<u64>| (reason, extent);
-        let outcome: std::result::Result<(ScannedRecord, u64), (String, Option<u64>)> = (|| {
-            if rest.len() < RECORD_HEADER_LEN {
-                if rest.iter().all(|&b| b == 0) {
-                    return Err(bad(String::new(), None));
-                }
-                return Err(bad("truncated record header".into(), None));
-            }
-            let mut hb = [0u8; RECORD_HEADER_LEN];
-            hb.copy_from_slice(&rest[..RECORD_HEADER_LEN]);
-            let header = match RecordHeader::parse(&hb) {
-                Ok(Some(h)) => h,
-                Ok(None) => return Err(bad(String::new(), None)),
-                Err(e) => return Err(bad(format!("record header: {e}"), None)),
-            };
-            let rec_len = header.record_len();
-            if rec_len > rest.len() as u64 {
-                return Err(bad("record extends past the end of the file".into(), None));
-            }
-            let rec = &rest[..rec_len as usize];
-            let raw = verify_record(id, &header, rec)
-                .map_err(|e| bad(format!("record: {e}"), Some(rec_len)))?;
-            let ops = decode_body(&raw)
-                .map_err(|e: DecodeError| bad(format!("record body: {e}"), Some(rec_len)))?;
-            let ops = ops.into_iter().map(to_replay).collect();
-            Ok((
-                ScannedRecord {
-                    offset: pos as u32,
-                    len: rec_len as u32,
-                    ops,
-                },
-                rec_len,
-            ))
-        })(
-        );
-        match outcome {
-            Ok((rec, rec_len)) => {
-                records.push(rec);
-                pos += rec_len;
+    while pos < len {
+        // `pos < len == data.len()`: the slice stays in bounds.
+        match decode_at(id, pos, &data[pos as usize..], &mut out) {
+            Found::Record(n) => {
+                pos += n;
                 valid_end = pos;
             }
-            Err((reason, extent)) if reason.is_empty() => {
-                // A zero header: the clean end, if every byte after it is zero too.
-                let _ = extent;
-                if rest.iter().all(|&b| b == 0) {
-                    return (valid_end, records, None, skipped);
+            Found::End => break,
+            Found::Bad(reason, extent) => {
+                if !tolerate_any {
+                    return (
+                        valid_end,
+                        out,
+                        Some(Damage {
+                            offset: pos,
+                            reason,
+                        }),
+                        skipped,
+                    );
                 }
-                let reason = "non-zero bytes after a zero record header".to_owned();
-                if tolerate_any {
-                    skipped.push(SkippedRange {
-                        segment: id,
-                        start: pos,
-                        end: len,
-                        reason,
-                    });
-                    return (valid_end, records, None, skipped);
-                }
-                return (
-                    valid_end,
-                    records,
-                    Some(Damage {
-                        offset: pos,
-                        reason,
-                    }),
-                    skipped,
-                );
-            }
-            Err((reason, extent)) => {
-                if tolerate_any {
-                    let end = extent.map_or(len, |e| pos + e);
-                    skipped.push(SkippedRange {
-                        segment: id,
-                        start: pos,
-                        end,
-                        reason,
-                    });
-                    pos = end;
-                    continue;
-                }
-                return (
-                    valid_end,
-                    records,
-                    Some(Damage {
-                        offset: pos,
-                        reason,
-                    }),
-                    skipped,
-                );
+                let end = extent.map_or(len, |e| pos + e);
+                skipped.push(SkippedRange {
+                    segment: id,
+                    start: pos,
+                    end,
+                    reason,
+                });
+                pos = end;
             }
         }
     }
+    (valid_end, out, None, skipped)
 }
 
 fn scan_segment(
@@ -332,11 +333,15 @@ fn scan_segment(
             format!("implausible segment size {file_len}"),
         ));
     }
-    buf.clear();
-    buf.resize(file_len as usize, 0);
-    file.read_exact_at(buf, 0)
+    // The buffer is reused from segment to segment: grow it, never zero it again.
+    let len = file_len as usize;
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let data = &mut buf[..len];
+    file.read_exact_at(data, 0)
         .map_err(|e| Error::io(format!("reading segment {id}"), e))?;
-    let (valid_end, records, damage, skipped) = scan_bytes(id, buf, tolerate_any);
+    let (valid_end, records, damage, skipped) = scan_bytes(id, data, tolerate_any);
     Ok(SegmentScan {
         id,
         file,
@@ -393,7 +398,13 @@ fn scan_all(
 }
 
 /// Applies one replayed operation of a segment at or above the checkpoint.
-fn apply_op(groups: &mut HashMap<u64, Group>, op: ReplayOp, segment: u64, rec: (u32, u32)) {
+fn apply_op(
+    groups: &mut HashMap<u64, Group>,
+    op: ReplayOp,
+    all_spans: &[EntrySpan],
+    segment: u64,
+    rec: (u32, u32),
+) {
     match op {
         ReplayOp::Append {
             group,
@@ -406,11 +417,11 @@ fn apply_op(groups: &mut HashMap<u64, Group>, op: ReplayOp, segment: u64, rec: (
                 rec_off: rec.0,
                 rec_len: rec.1,
             };
-            groups
-                .entry(group)
-                .or_default()
-                .entries
-                .append(first, run, &spans);
+            groups.entry(group).or_default().entries.append(
+                first,
+                run,
+                all_spans.get(spans).unwrap_or_default(),
+            );
         }
         ReplayOp::Truncate { group, index } => groups
             .entry(group)
@@ -478,7 +489,7 @@ impl OldReplay {
         })
     }
 
-    fn apply(&mut self, op: ReplayOp, segment: u64, rec: (u32, u32)) {
+    fn apply(&mut self, op: ReplayOp, all_spans: &[EntrySpan], segment: u64, rec: (u32, u32)) {
         let ReplayOp::Append {
             group,
             first,
@@ -497,7 +508,13 @@ impl OldReplay {
             .slots
             .entry(group)
             .or_insert_with(|| vec![None; range.len as usize]);
-        for (i, span) in spans.into_iter().enumerate() {
+        for (i, span) in all_spans
+            .get(spans)
+            .unwrap_or_default()
+            .iter()
+            .copied()
+            .enumerate()
+        {
             let Some(index) = first.checked_add(i as u64) else {
                 break;
             };
@@ -625,7 +642,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
     let mut scans = scan_all(fs, dir, &live, opts)?;
 
     // Decide what each damage means: a torn tail only if no later segment holds a record.
-    let last_with_records = scans.iter().rposition(|s| !s.records.is_empty());
+    let last_with_records = scans.iter().rposition(|s| !s.records.recs.is_empty());
     let mut cut: Option<usize> = None;
     for (i, s) in scans.iter().enumerate() {
         report.skipped.extend(s.skipped.iter().cloned());
@@ -670,14 +687,19 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         }
         report.segments += 1;
         report.bytes += s.file_len;
-        for rec in std::mem::take(&mut s.records) {
+        let records = std::mem::take(&mut s.records);
+        let mut ops = records.ops.into_iter();
+        let mut done = 0;
+        for rec in &records.recs {
             report.records += 1;
-            for op in rec.ops {
+            for op in ops.by_ref().take(rec.ops_end - done) {
+                let at = (rec.offset, rec.len);
                 match old.as_mut() {
-                    Some(o) => o.apply(op, s.id, (rec.offset, rec.len)),
-                    None => apply_op(&mut groups, op, s.id, (rec.offset, rec.len)),
+                    Some(o) => o.apply(op, &records.spans, s.id, at),
+                    None => apply_op(&mut groups, op, &records.spans, s.id, at),
                 }
             }
+            done = rec.ops_end;
         }
     }
     if let Some(o) = old.take() {
@@ -708,6 +730,23 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         })?;
         report.tail_cut = Some((s.id, s.valid_end, s.file_len - s.valid_end));
     }
+    // A segment holding records that ends in zeros (the log was closed or crashed while it was
+    // active) is sealed now, as a rotation would: cut to its last record, so later recoveries
+    // read no zero tail. Empty segments are left whole: they will take writes.
+    for (i, s) in scans.iter().enumerate() {
+        if cut == Some(i) || s.damage.is_some() || !s.skipped.is_empty() {
+            continue;
+        }
+        if s.valid_end <= SEGMENT_HEADER_LEN || s.file_len <= s.valid_end {
+            continue;
+        }
+        s.file
+            .set_len(s.valid_end)
+            .map_err(|e| Error::io(format!("trimming segment {}", s.id), e))?;
+        s.file
+            .sync_data()
+            .map_err(|e| Error::io(format!("syncing segment {} after trimming it", s.id), e))?;
+    }
     for &id in &stale {
         let name = crate::segment::segment_name(id);
         fs.remove(&dir.join(&name))
@@ -724,22 +763,24 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         g.entries.shrink_to_fit();
         report.entries += g.entries.range().len;
     }
-    let reusable_last = scans
-        .last()
-        .filter(|s| {
-            s.valid_end == SEGMENT_HEADER_LEN
-                && s.damage.is_none()
-                && s.skipped.is_empty()
-                && s.id >= covers_below
-        })
-        .map(|s| (s.id, s.file.clone()));
+    let empty = |s: &SegmentScan| {
+        s.valid_end == SEGMENT_HEADER_LEN
+            && s.damage.is_none()
+            && s.skipped.is_empty()
+            && s.id >= covers_below
+    };
+    let tail_len = scans.iter().rev().take_while(|s| empty(s)).count();
+    let empty_tail = scans[scans.len() - tail_len..]
+        .iter()
+        .map(|s| (s.id, s.file.clone()))
+        .collect();
     let next_segment = max.map_or(1, |m| m + 1).max(covers_below);
     let files = scans.into_iter().map(|s| (s.id, s.file)).collect();
     report.duration = started.elapsed();
     Ok(Recovered {
         groups,
         files,
-        reusable_last,
+        empty_tail,
         next_segment,
         report,
     })
@@ -771,7 +812,7 @@ mod tests {
         let (mut data, ends) = segment_with_records(3, 5);
         data.resize(data.len() + 100, 0);
         let (end, recs, damage, _) = scan_bytes(3, &data, false);
-        assert_eq!((end, recs.len()), (ends[4], 5));
+        assert_eq!((end, recs.recs.len()), (ends[4], 5));
         assert!(damage.is_none());
     }
 
@@ -780,7 +821,7 @@ mod tests {
         let (data, ends) = segment_with_records(3, 3);
         for cut in ends[1]..ends[2] {
             let (end, recs, damage, _) = scan_bytes(3, &data[..cut as usize], false);
-            assert_eq!((end, recs.len()), (ends[1], 2), "cut {cut}");
+            assert_eq!((end, recs.recs.len()), (ends[1], 2), "cut {cut}");
             assert_eq!(damage.is_some(), cut > ends[1], "cut {cut}");
         }
     }
@@ -791,7 +832,7 @@ mod tests {
         let mut moved = encode_header(4).to_vec();
         moved.extend_from_slice(&data[SEGMENT_HEADER_LEN as usize..]);
         let (end, recs, damage, _) = scan_bytes(4, &moved, false);
-        assert_eq!((end, recs.len()), (SEGMENT_HEADER_LEN, 0));
+        assert_eq!((end, recs.recs.len()), (SEGMENT_HEADER_LEN, 0));
         assert_eq!(damage.map(|d| d.offset), Some(SEGMENT_HEADER_LEN));
     }
 
@@ -800,7 +841,7 @@ mod tests {
         let (mut data, ends) = segment_with_records(3, 3);
         data[ends[0] as usize + 20] ^= 1;
         let (_, recs, damage, skipped) = scan_bytes(3, &data, true);
-        assert_eq!(recs.len(), 2);
+        assert_eq!(recs.recs.len(), 2);
         assert!(damage.is_none());
         assert_eq!(skipped.len(), 1);
         assert_eq!((skipped[0].start, skipped[0].end), (ends[0], ends[1]));

@@ -603,3 +603,33 @@ fn invalid_appends_are_rejected_and_change_nothing() {
     e.write(b).unwrap();
     assert_eq!(e.entry(1, 8).unwrap(), Some(b"e".to_vec()));
 }
+
+#[test]
+fn reopening_does_not_pile_up_empty_segments_and_sealed_segments_are_trimmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || Options::default().segment_size(64 << 10);
+    for round in 0..6u64 {
+        let e = Engine::open(dir.path(), opts()).unwrap();
+        let mut b = WriteBatch::new();
+        b.append(1, round + 1, [vec![round as u8; 100]]);
+        e.write(b).unwrap();
+    }
+    for round in 0..6u64 {
+        let _e = Engine::open(dir.path(), opts()).unwrap();
+        let _ = round;
+    }
+    let e = Engine::open(dir.path(), opts()).unwrap();
+    assert_eq!((e.first_index(1), e.last_index(1)), (Some(1), Some(6)));
+    drop(e);
+    let segs = segment_files(dir.path());
+    // Six segments with one record each (each open after a write starts a new one) plus at most
+    // two empty ones (the active and the prepared next).
+    assert!(segs.len() <= 8, "{segs:?}");
+    for s in &segs[..segs.len() - 2] {
+        let len = std::fs::metadata(s).unwrap().len();
+        assert!(
+            len < 1024,
+            "sealed segment {s:?} keeps {len} bytes (not trimmed)"
+        );
+    }
+}
