@@ -11,7 +11,7 @@
 //! - A segment is deleted only after a durable checkpoint covers it and no group references it.
 //! - After a failed write or fsync the engine is poisoned and accepts no more writes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range as StdRange;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -78,6 +78,8 @@ struct LogWriter {
     preparing: Option<Prepared>,
     /// Whether the active segment was zero-filled ahead (fdatasync into it is cheaper).
     prefilled: bool,
+    /// A GC round planned at the last rotation, to run once the log lock is released.
+    pending_gc: Option<GcPlan>,
 }
 
 struct Inner {
@@ -90,7 +92,8 @@ struct Inner {
     commit: Commit,
     /// Writers between entering the write path and having written their record.
     in_flight: AtomicUsize,
-    gc_lock: Mutex<()>,
+    /// Serializes GC rounds; holds the `covers_below` of the last checkpoint stored.
+    gc_lock: Mutex<u64>,
     report: RecoveryReport,
     _lock: Box<dyn DirLock>,
 }
@@ -310,6 +313,9 @@ impl Inner {
         log.offset = SEGMENT_HEADER_LEN;
         log.prefilled = self.opts.prefill_segments;
         log.preparing = Some(self.prepare(next_id + 1));
+        if self.opts.auto_gc {
+            log.pending_gc = self.plan_gc(log);
+        }
         Ok(())
     }
 
@@ -375,7 +381,18 @@ impl Inner {
         let _done = InFlight(&self.in_flight);
         let (mut record, crc_tail) = batch.body.encode(self.opts.compression_threshold);
         let mut log = self.log.lock();
-        self.write_locked(&mut log, batch, &mut record, crc_tail)
+        let seq = self.write_locked(&mut log, batch, &mut record, crc_tail);
+        let plan = log.pending_gc.take();
+        drop(log);
+        if let Some(plan) = plan {
+            // Automatic GC after a rotation; a failure poisons the engine, which the caller
+            // learns from its next write or its durability wait.
+            let mut last = self.gc_lock.lock();
+            if let Err(e) = self.execute_gc(&mut last, plan) {
+                tracing::error!(error = %e, "automatic GC failed");
+            }
+        }
+        seq
     }
 
     fn segment_file(&self, id: u32) -> Result<Arc<dyn FsFile>> {
@@ -499,10 +516,11 @@ impl Engine {
                 written: 0,
                 preparing: None,
                 prefilled,
+                pending_gc: None,
             }),
             commit: Commit::default(),
             in_flight: AtomicUsize::new(0),
-            gc_lock: Mutex::new(()),
+            gc_lock: Mutex::new(0),
             report: rec.report,
             _lock: lock,
             opts: options,
@@ -735,7 +753,7 @@ impl Engine {
     /// rewrites groups and takes the checkpoint snapshot.
     pub fn gc(&self) -> Result<GcReport> {
         let inner = self.inner();
-        let _gc = inner.gc_lock.lock();
+        let mut last_checkpoint = inner.gc_lock.lock();
         inner.check_poison()?;
         let mut report = GcReport::default();
         let mut log = inner.log.lock();
@@ -791,14 +809,10 @@ impl Engine {
                 report.rewritten_groups.push(group);
             }
         }
-        // Which sealed segments are still referenced (after rewrites).
-        let mut referenced: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+        // Who still holds old segments.
         let mut holders: Vec<(u64, u64, u64)> = Vec::new();
         for shard in inner.groups.shards() {
             for (&id, g) in shard.read().iter() {
-                g.entries.for_each_run(|run, _, _| {
-                    referenced.insert(u64::from(run.segment));
-                });
                 if let Some(oldest) = g.entries.oldest_segment() {
                     if u64::from(oldest) < log.segment {
                         holders.push((id, u64::from(oldest), g.entries.range().len));
@@ -809,76 +823,120 @@ impl Engine {
         holders.sort_unstable_by_key(|&(g, seg, _)| (seg, g));
         holders.truncate(64);
         report.holders = holders;
-        let sealed: Vec<u64> = inner
+        let referenced = inner.referenced_segments();
+        let any_dead = inner
             .segments
             .read()
             .keys()
-            .copied()
-            .filter(|&s| s < log.segment)
-            .collect();
-        let dead: Vec<u64> = sealed
-            .iter()
-            .copied()
-            .filter(|s| !referenced.contains(s))
-            .collect();
-        if dead.is_empty() && report.rewritten_groups.is_empty() {
-            report.live_segments = inner.segments.read().len();
-            return Ok(report);
-        }
-        // Start a fresh segment so the checkpoint covers exactly the segments below it; the
-        // rotation also fsyncs any rewrite.
-        if log.offset > SEGMENT_HEADER_LEN {
-            inner.rotate(&mut log)?;
-        }
-        let covers_below = log.segment;
-        let mut groups_meta: Vec<(u64, GroupMeta)> = Vec::new();
-        for shard in inner.groups.shards() {
-            for (&id, g) in shard.read().iter() {
-                groups_meta.push((id, meta_of(g)));
+            .any(|&s| s < log.segment && !referenced.contains(&s));
+        if any_dead || !report.rewritten_groups.is_empty() {
+            // Start a fresh segment so the checkpoint covers exactly the segments below it; the
+            // rotation also fsyncs any rewrite.
+            if log.offset > SEGMENT_HEADER_LEN {
+                inner.rotate(&mut log)?;
             }
-        }
-        groups_meta.sort_unstable_by_key(|(id, _)| *id);
-        let live_sealed: Vec<u64> = inner
-            .segments
-            .read()
-            .keys()
-            .copied()
-            .filter(|&s| s < covers_below && referenced.contains(&s))
-            .collect();
-        let dead: Vec<u64> = inner
-            .segments
-            .read()
-            .keys()
-            .copied()
-            .filter(|&s| s < covers_below && !referenced.contains(&s))
-            .collect();
-        drop(log);
-        let ckpt = Checkpoint {
-            covers_below,
-            survivors: live_sealed,
-            groups: groups_meta,
-        };
-        ckpt.store(inner.fs.as_ref(), &inner.dir)
-            .map_err(|e| inner.fail(e))?;
-        for id in &dead {
-            let file = inner.segments.write().remove(id);
-            if let Some(f) = file {
-                report.freed_bytes += f.len().unwrap_or(0);
+            log.pending_gc = None;
+            let plan = inner.plan_gc(&log);
+            drop(log);
+            if let Some(plan) = plan {
+                let (deleted, freed) = inner.execute_gc(&mut last_checkpoint, plan)?;
+                report.deleted_segments = deleted;
+                report.freed_bytes = freed;
             }
-            inner
-                .fs
-                .remove(&inner.dir.join(segment_name(*id)))
-                .map_err(|e| inner.fail(Error::io(format!("removing segment {id}"), e)))?;
-            report.deleted_segments.push(*id);
-        }
-        if !dead.is_empty() {
-            inner
-                .fs
-                .sync_dir(&inner.dir)
-                .map_err(|e| inner.fail(Error::io("syncing the directory after GC", e)))?;
+        } else {
+            drop(log);
         }
         report.live_segments = inner.segments.read().len();
         Ok(report)
+    }
+}
+
+/// What a GC round will do once the log lock is released: store the checkpoint, then delete
+/// the segments it made dead.
+struct GcPlan {
+    checkpoint: Checkpoint,
+    dead: Vec<u64>,
+}
+
+impl Inner {
+    /// Every segment some group's entries live in.
+    fn referenced_segments(&self) -> BTreeSet<u64> {
+        let mut referenced = BTreeSet::new();
+        for shard in self.groups.shards() {
+            for g in shard.read().values() {
+                g.entries.for_each_run(|run, _, _| {
+                    referenced.insert(u64::from(run.segment));
+                });
+            }
+        }
+        referenced
+    }
+
+    /// Plans a GC round. Called with the log lock held and an empty active segment, so that the
+    /// metadata snapshot is exactly the state after every segment below the active one.
+    fn plan_gc(&self, log: &LogWriter) -> Option<GcPlan> {
+        debug_assert_eq!(log.offset, SEGMENT_HEADER_LEN);
+        let covers_below = log.segment;
+        let referenced = self.referenced_segments();
+        let (dead, survivors): (Vec<u64>, Vec<u64>) = self
+            .segments
+            .read()
+            .keys()
+            .copied()
+            .filter(|&s| s < covers_below)
+            .partition(|s| !referenced.contains(s));
+        if dead.is_empty() {
+            return None;
+        }
+        let mut groups: Vec<(u64, GroupMeta)> = Vec::new();
+        for shard in self.groups.shards() {
+            for (&id, g) in shard.read().iter() {
+                groups.push((id, meta_of(g)));
+            }
+        }
+        groups.sort_unstable_by_key(|(id, _)| *id);
+        Some(GcPlan {
+            checkpoint: Checkpoint {
+                covers_below,
+                survivors,
+                groups,
+            },
+            dead,
+        })
+    }
+
+    /// Carries out a plan: checkpoint made durable first, then the dead segments removed and
+    /// the directory synced. `last_checkpoint` (guarded by the GC lock) keeps checkpoints
+    /// monotonic: a plan older than the stored checkpoint is dropped (the newer one already
+    /// covers its dead segments). Failures poison the engine.
+    fn execute_gc(&self, last_checkpoint: &mut u64, plan: GcPlan) -> Result<(Vec<u64>, u64)> {
+        if plan.checkpoint.covers_below <= *last_checkpoint {
+            return Ok((Vec::new(), 0));
+        }
+        self.check_poison()?;
+        // A full disk only postpones GC (nothing was deleted yet); any other failure poisons.
+        plan.checkpoint
+            .store(self.fs.as_ref(), &self.dir)
+            .map_err(|e| match e {
+                Error::NoSpace { .. } => e,
+                e => self.fail(e),
+            })?;
+        *last_checkpoint = plan.checkpoint.covers_below;
+        let mut freed = 0;
+        for id in &plan.dead {
+            if let Some(f) = self.segments.write().remove(id) {
+                freed += f.len().unwrap_or(0);
+            }
+            // A dead segment left behind is harmless: recovery removes it (the checkpoint no
+            // longer lists it).
+            self.fs
+                .remove(&self.dir.join(segment_name(*id)))
+                .map_err(|e| Error::io(format!("removing segment {id}"), e))?;
+        }
+        self.fs
+            .sync_dir(&self.dir)
+            .map_err(|e| self.fail(Error::io("syncing the directory after GC", e)))?;
+        Ok((plan.dead, freed))
     }
 }
 

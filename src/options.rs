@@ -39,6 +39,7 @@ pub struct Options {
     pub(crate) recovery_threads: usize,
     pub(crate) prefill_segments: bool,
     pub(crate) gc_rewrite_max_entries: u64,
+    pub(crate) auto_gc: bool,
     pub(crate) file_system: Arc<dyn FileSystem>,
 }
 
@@ -51,6 +52,7 @@ impl fmt::Debug for Options {
             .field("recovery_threads", &self.recovery_threads)
             .field("prefill_segments", &self.prefill_segments)
             .field("gc_rewrite_max_entries", &self.gc_rewrite_max_entries)
+            .field("auto_gc", &self.auto_gc)
             .field("file_system", &self.file_system)
             .finish()
     }
@@ -67,6 +69,7 @@ impl Default for Options {
                 .unwrap_or(2),
             prefill_segments: true,
             gc_rewrite_max_entries: 128,
+            auto_gc: true,
             file_system: Arc::new(StdFs),
         }
     }
@@ -115,6 +118,14 @@ impl Options {
     /// Default: 128.
     pub fn gc_rewrite_max_entries(mut self, entries: u64) -> Self {
         self.gc_rewrite_max_entries = entries;
+        self
+    }
+
+    /// Whether each segment rotation also deletes the sealed segments no group references any
+    /// more (checkpoint first). Rewriting lagging groups happens only in an explicit
+    /// [`Engine::gc`](crate::Engine::gc). Default: true.
+    pub fn auto_gc(mut self, on: bool) -> Self {
+        self.auto_gc = on;
         self
     }
 

@@ -633,3 +633,31 @@ fn reopening_does_not_pile_up_empty_segments_and_sealed_segments_are_trimmed() {
         );
     }
 }
+
+#[test]
+fn rotation_deletes_dead_segments_without_an_explicit_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || small().auto_gc(true);
+    let e = Engine::open(dir.path(), opts()).unwrap();
+    for i in 1..=400u64 {
+        let mut b = WriteBatch::new();
+        b.append(1, i, [vec![i as u8; 1000]]);
+        if i > 10 {
+            // Keep only the last ten entries, as a Raft log compacted behind its snapshot.
+            b.purge_to(1, i - 10);
+        }
+        b.set_vote(1, &i.to_le_bytes());
+        e.write(b).unwrap();
+    }
+    let segs = segment_files(dir.path());
+    assert!(
+        segs.len() <= 4,
+        "dead segments were not collected: {segs:?}"
+    );
+    drop(e);
+    let e = Engine::open(dir.path(), opts()).unwrap();
+    assert!(e.recovery_report().checkpoint);
+    assert_eq!((e.first_index(1), e.last_index(1)), (Some(391), Some(400)));
+    assert_eq!(e.vote(1), Some(400u64.to_le_bytes().to_vec()));
+    assert_eq!(e.entry(1, 395).unwrap(), Some(vec![395u64 as u8; 1000]));
+}
