@@ -192,13 +192,16 @@ pub fn scan_records(
     data: &[u8],
     tolerate_any: bool,
 ) -> (u64, usize, Option<(u64, String)>, Vec<SkippedRange>) {
-    let scan = scan_bytes(id, data, tolerate_any);
-    (
-        scan.0,
-        scan.1.recs.len(),
-        scan.2.map(|d| (d.offset, d.reason)),
-        scan.3,
-    )
+    match scan_source(id, &data, tolerate_any, &mut Vec::new()) {
+        Ok(scan) => (
+            scan.0,
+            scan.1.recs.len(),
+            scan.2.map(|d| (d.offset, d.reason)),
+            scan.3,
+        ),
+        // Reading a slice never fails.
+        Err(e) => (0, 0, Some((0, e.to_string())), Vec::new()),
+    }
 }
 
 type ScanParts = (u64, Records, Option<Damage>, Vec<SkippedRange>);
@@ -213,51 +216,164 @@ enum Found {
     Bad(String, Option<u64>),
 }
 
-fn decode_at(id: u64, pos: u64, rest: &[u8], out: &mut Records) -> Found {
-    if rest.len() < RECORD_HEADER_LEN || rest[..RECORD_HEADER_LEN].iter().all(|&b| b == 0) {
-        if rest.iter().all(|&b| b == 0) {
-            return Found::End;
+/// Bytes to scan: a file, or a slice (tests and fuzzers).
+trait Source {
+    fn size(&self) -> u64;
+    fn read_into(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl Source for &[u8] {
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+    fn read_into(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let start = offset as usize;
+        let src = self
+            .get(start..start + buf.len())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+struct FileSource<'a>(&'a dyn FsFile, u64);
+
+impl Source for FileSource<'_> {
+    fn size(&self) -> u64 {
+        self.1
+    }
+    fn read_into(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+}
+
+/// Bytes read per refill: small enough to stay in the CPU's caches while the CRC and the
+/// decoder go over them right after the copy.
+const WINDOW: usize = 1 << 20;
+
+/// A sliding window over a source: `buf[..filled]` holds the bytes at `start..`.
+struct Window<'a, S: Source> {
+    src: &'a S,
+    buf: &'a mut Vec<u8>,
+    start: u64,
+    filled: usize,
+}
+
+impl<S: Source> Window<'_, S> {
+    /// The `len` bytes at `pos`, which must lie within the source (checked by the caller).
+    fn bytes(&mut self, pos: u64, len: usize) -> std::io::Result<&[u8]> {
+        let end = pos + len as u64;
+        if pos < self.start || end > self.start + self.filled as u64 {
+            // Refill from `pos`: at least `len` bytes, at most a window (or the rest).
+            let want = len
+                .max(WINDOW)
+                .min((self.src.size() - pos) as usize)
+                .max(len);
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
+            self.src.read_into(&mut self.buf[..want], pos)?;
+            self.start = pos;
+            self.filled = want;
         }
-        if rest.len() < RECORD_HEADER_LEN {
-            return Found::Bad("truncated record header".into(), None);
+        let at = (pos - self.start) as usize;
+        Ok(&self.buf[at..at + len])
+    }
+
+    /// Whether every byte from `pos` to the end of the source is zero.
+    fn zero_from(&mut self, mut pos: u64) -> std::io::Result<bool> {
+        let size = self.src.size();
+        while pos < size {
+            let n = ((size - pos) as usize).min(WINDOW);
+            if !is_zero(self.bytes(pos, n)?) {
+                return Ok(false);
+            }
+            pos += n as u64;
         }
-        return Found::Bad("non-zero bytes after a zero record header".into(), None);
+        Ok(true)
+    }
+}
+
+/// Whether a slice is all zero (word at a time).
+fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(64);
+    let words = chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, &x| acc | x) == 0);
+    words && chunks.remainder().iter().all(|&x| x == 0)
+}
+
+fn decode_at<S: Source>(
+    id: u64,
+    pos: u64,
+    win: &mut Window<'_, S>,
+    out: &mut Records,
+) -> std::io::Result<Found> {
+    let left = win.src.size() - pos;
+    let head = win.bytes(pos, (left as usize).min(RECORD_HEADER_LEN))?;
+    if head.len() < RECORD_HEADER_LEN || is_zero(head) {
+        if win.zero_from(pos)? {
+            return Ok(Found::End);
+        }
+        if left < RECORD_HEADER_LEN as u64 {
+            return Ok(Found::Bad("truncated record header".into(), None));
+        }
+        return Ok(Found::Bad(
+            "non-zero bytes after a zero record header".into(),
+            None,
+        ));
     }
     let mut hb = [0u8; RECORD_HEADER_LEN];
-    hb.copy_from_slice(&rest[..RECORD_HEADER_LEN]);
+    hb.copy_from_slice(head);
     let header = match RecordHeader::parse(&hb) {
         Ok(Some(h)) => h,
-        Ok(None) => return Found::Bad("zero record header".into(), None),
-        Err(e) => return Found::Bad(format!("record header: {e}"), None),
+        Ok(None) => return Ok(Found::Bad("zero record header".into(), None)),
+        Err(e) => return Ok(Found::Bad(format!("record header: {e}"), None)),
     };
     let rec_len = header.record_len();
-    if rec_len > rest.len() as u64 {
-        return Found::Bad("record extends past the end of the file".into(), None);
+    if rec_len > left {
+        return Ok(Found::Bad(
+            "record extends past the end of the file".into(),
+            None,
+        ));
     }
-    let raw = match verify_record(id, &header, &rest[..rec_len as usize]) {
+    let rec = win.bytes(pos, rec_len as usize)?;
+    let raw = match verify_record(id, &header, rec) {
         Ok(raw) => raw,
-        Err(e) => return Found::Bad(format!("record: {e}"), Some(rec_len)),
+        Err(e) => return Ok(Found::Bad(format!("record: {e}"), Some(rec_len))),
     };
     let ops_start = out.ops.len();
     let ops = &mut out.ops;
     let decoded = decode_body_into(&raw, &mut out.spans, |op| ops.push(to_replay(op)));
     if let Err(e) = decoded {
         out.ops.truncate(ops_start);
-        return Found::Bad(format!("record body: {e}"), Some(rec_len));
+        return Ok(Found::Bad(format!("record body: {e}"), Some(rec_len)));
     }
     out.recs.push(ScannedRecord {
         offset: pos as u32,
         len: rec_len as u32,
         ops_end: out.ops.len(),
     });
-    Found::Record(rec_len)
+    Ok(Found::Record(rec_len))
 }
 
-fn scan_bytes(id: u64, data: &[u8], tolerate_any: bool) -> ScanParts {
-    let len = data.len() as u64;
+fn scan_source<S: Source>(
+    id: u64,
+    src: &S,
+    tolerate_any: bool,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<ScanParts> {
+    let len = src.size();
     let mut out = Records::default();
     let mut skipped = Vec::new();
-    if let Err(reason) = check_header(id, data) {
+    let mut win = Window {
+        src,
+        buf,
+        start: 0,
+        filled: 0,
+    };
+    let head = win.bytes(0, (len as usize).min(SEGMENT_HEADER_LEN as usize))?;
+    if let Err(reason) = check_header(id, head) {
         if tolerate_any {
             skipped.push(SkippedRange {
                 segment: id,
@@ -266,7 +382,7 @@ fn scan_bytes(id: u64, data: &[u8], tolerate_any: bool) -> ScanParts {
                 reason: reason.to_owned(),
             });
         }
-        return (
+        return Ok((
             0,
             out,
             Some(Damage {
@@ -274,13 +390,12 @@ fn scan_bytes(id: u64, data: &[u8], tolerate_any: bool) -> ScanParts {
                 reason: reason.to_owned(),
             }),
             skipped,
-        );
+        ));
     }
     let mut pos = SEGMENT_HEADER_LEN;
     let mut valid_end = pos;
     while pos < len {
-        // `pos < len == data.len()`: the slice stays in bounds.
-        match decode_at(id, pos, &data[pos as usize..], &mut out) {
+        match decode_at(id, pos, &mut win, &mut out)? {
             Found::Record(n) => {
                 pos += n;
                 valid_end = pos;
@@ -288,7 +403,7 @@ fn scan_bytes(id: u64, data: &[u8], tolerate_any: bool) -> ScanParts {
             Found::End => break,
             Found::Bad(reason, extent) => {
                 if !tolerate_any {
-                    return (
+                    return Ok((
                         valid_end,
                         out,
                         Some(Damage {
@@ -296,7 +411,7 @@ fn scan_bytes(id: u64, data: &[u8], tolerate_any: bool) -> ScanParts {
                             reason,
                         }),
                         skipped,
-                    );
+                    ));
                 }
                 let end = extent.map_or(len, |e| pos + e);
                 skipped.push(SkippedRange {
@@ -309,7 +424,7 @@ fn scan_bytes(id: u64, data: &[u8], tolerate_any: bool) -> ScanParts {
             }
         }
     }
-    (valid_end, out, None, skipped)
+    Ok((valid_end, out, None, skipped))
 }
 
 fn scan_segment(
@@ -333,15 +448,9 @@ fn scan_segment(
             format!("implausible segment size {file_len}"),
         ));
     }
-    // The buffer is reused from segment to segment: grow it, never zero it again.
-    let len = file_len as usize;
-    if buf.len() < len {
-        buf.resize(len, 0);
-    }
-    let data = &mut buf[..len];
-    file.read_exact_at(data, 0)
-        .map_err(|e| Error::io(format!("reading segment {id}"), e))?;
-    let (valid_end, records, damage, skipped) = scan_bytes(id, data, tolerate_any);
+    let (valid_end, records, damage, skipped) =
+        scan_source(id, &FileSource(file.as_ref(), file_len), tolerate_any, buf)
+            .map_err(|e| Error::io(format!("reading segment {id}"), e))?;
     Ok(SegmentScan {
         id,
         file,
@@ -790,6 +899,10 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
 mod tests {
     use super::*;
     use crate::codec::{seal_record, BodyBuilder};
+
+    fn scan_bytes(id: u64, data: &[u8], tolerate_any: bool) -> ScanParts {
+        scan_source(id, &data, tolerate_any, &mut Vec::new()).unwrap()
+    }
     use crate::segment::encode_header;
 
     fn segment_with_records(id: u64, n: u64) -> (Vec<u8>, Vec<u64>) {
