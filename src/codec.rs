@@ -167,11 +167,11 @@ impl RecordHeader {
     }
 }
 
-/// CRC of a record in segment `segment`: covers the segment id, `tail` = header bytes 8..16 and
-/// the stored body. `crc_tail` is `crc32c(tail)`, computed where the segment is not yet known.
-pub fn record_crc(segment: u64, crc_tail: u32, tail_len: usize) -> u32 {
+/// CRC of a record in segment `segment`: covers the segment id (8 bytes, little-endian), then
+/// the record from byte 8 on (the rest of the header and the stored body).
+pub fn record_crc(segment: u64, record: &[u8]) -> u32 {
     let seed = crc32c::crc32c(&segment.to_le_bytes());
-    crc32c::crc32c_combine(seed, crc_tail, tail_len)
+    crc32c::crc32c_append(seed, record.get(8..).unwrap_or_default())
 }
 
 /// Checks a whole record (header + stored body) read from segment `segment` and returns its raw
@@ -184,9 +184,7 @@ pub fn verify_record<'a>(
     if record.len() as u64 != header.record_len() {
         return Err(DecodeError::Truncated);
     }
-    let tail = &record[8..];
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&segment.to_le_bytes()), tail);
-    if crc != header.crc {
+    if record_crc(segment, record) != header.crc {
         return Err(DecodeError::Checksum);
     }
     let body = &record[RECORD_HEADER_LEN..];
@@ -467,8 +465,8 @@ impl BodyBuilder {
 
     /// Encodes the record: header (CRC left for [`seal_record`]) and body, compressed when the
     /// raw body is at least `threshold` bytes and lz4 saves at least an eighth. Returns the
-    /// record bytes and the CRC of bytes 8.. (the part that does not depend on the segment).
-    pub(crate) fn encode(&self, threshold: usize) -> (Vec<u8>, u32) {
+    /// record bytes.
+    pub(crate) fn encode(&self, threshold: usize) -> Vec<u8> {
         let raw_len = self.raw_len();
         let mut out = Vec::with_capacity(RECORD_HEADER_LEN + raw_len);
         out.resize(RECORD_HEADER_LEN, 0);
@@ -494,8 +492,7 @@ impl BodyBuilder {
         out[0..4].copy_from_slice(&body_len.to_le_bytes());
         out[8] = flags;
         out[12..16].copy_from_slice(&(raw_len as u32).to_le_bytes());
-        let crc_tail = crc32c::crc32c(&out[8..]);
-        (out, crc_tail)
+        out
     }
 }
 
@@ -509,10 +506,17 @@ pub(crate) mod tag {
     pub(crate) const COMMITTED: u8 = super::OP_COMMITTED;
 }
 
-/// Writes the segment-dependent CRC into an encoded record.
-pub(crate) fn seal_record(record: &mut [u8], segment: u64, crc_tail: u32) {
-    let crc = record_crc(segment, crc_tail, record.len() - 8);
-    record[4..8].copy_from_slice(&crc.to_le_bytes());
+/// Writes a record's CRC (see [`record_crc`]) into its header.
+pub(crate) fn set_crc(record: &mut [u8], crc: u32) {
+    if let Some(field) = record.get_mut(4..8) {
+        field.copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
+/// Computes and writes the CRC of a record that goes into segment `segment`.
+pub(crate) fn seal_record(record: &mut [u8], segment: u64) {
+    let crc = record_crc(segment, record);
+    set_crc(record, crc);
 }
 
 #[cfg(test)]
@@ -533,8 +537,8 @@ mod tests {
         b.bytes_op(tag::PUT, 9, &[b"k", b"v"]);
         b.remove_group(11);
         b.append(8, 1, [vec![42u8; 20000]], &mut lens).unwrap();
-        let (mut rec, crc_tail) = b.encode(threshold);
-        seal_record(&mut rec, 5, crc_tail);
+        let mut rec = b.encode(threshold);
+        seal_record(&mut rec, 5);
         let mut h = [0u8; RECORD_HEADER_LEN];
         h.copy_from_slice(&rec[..RECORD_HEADER_LEN]);
         let header = RecordHeader::parse(&h).unwrap().unwrap();

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range as StdRange;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -22,7 +22,9 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::batch::{Item, WriteBatch};
 use crate::checkpoint::{Checkpoint, GroupMeta};
-use crate::codec::{seal_record, verify_record, RecordHeader, RECORD_HEADER_LEN};
+use crate::codec::{
+    record_crc, seal_record, set_crc, verify_record, RecordHeader, RECORD_HEADER_LEN,
+};
 use crate::commit::{Callback, Commit, Syncer};
 use crate::error::{Error, Result};
 use crate::fs::{DirLock, FileSystem, FsFile};
@@ -92,6 +94,8 @@ struct Inner {
     commit: Commit,
     /// Writers between entering the write path and having written their record.
     in_flight: AtomicUsize,
+    /// The id of the segment receiving writes (a hint read outside the log lock).
+    active_segment: AtomicU64,
     /// Serializes GC rounds; holds the `covers_below` of the last checkpoint stored.
     gc_lock: Mutex<u64>,
     report: RecoveryReport,
@@ -309,6 +313,7 @@ impl Inner {
         self.commit.mark_synced(log.written);
         self.segments.write().insert(next_id, file.clone());
         log.segment = next_id;
+        self.active_segment.store(next_id, Ordering::Relaxed);
         log.file = file;
         log.offset = SEGMENT_HEADER_LEN;
         log.prefilled = self.opts.prefill_segments;
@@ -326,7 +331,7 @@ impl Inner {
         log: &mut LogWriter,
         batch: &WriteBatch,
         record: &mut [u8],
-        crc_tail: u32,
+        crc: Option<(u64, u32)>,
     ) -> Result<u64> {
         self.check_poison()?;
         validate(&self.groups, batch)?;
@@ -340,7 +345,10 @@ impl Inner {
         if full || upgrade {
             self.rotate(log)?;
         }
-        seal_record(record, log.segment, crc_tail);
+        match crc {
+            Some((segment, crc)) if segment == log.segment => set_crc(record, crc),
+            _ => seal_record(record, log.segment),
+        }
         if let Err(e) = log.file.write_all_at(record, log.offset) {
             let err = Error::io(format!("writing to segment {}", log.segment), e);
             if matches!(err, Error::NoSpace { .. }) {
@@ -379,9 +387,13 @@ impl Inner {
         }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let _done = InFlight(&self.in_flight);
-        let (mut record, crc_tail) = batch.body.encode(self.opts.compression_threshold);
+        let mut record = batch.body.encode(self.opts.compression_threshold);
+        // The CRC covers the segment id: compute it outside the lock for the segment that is
+        // active now; in the rare case a rotation comes first, it is computed again inside.
+        let guess = self.active_segment.load(Ordering::Relaxed);
+        let crc = record_crc(guess, &record);
         let mut log = self.log.lock();
-        let seq = self.write_locked(&mut log, batch, &mut record, crc_tail);
+        let seq = self.write_locked(&mut log, batch, &mut record, Some((guess, crc)));
         let plan = log.pending_gc.take();
         drop(log);
         if let Some(plan) = plan {
@@ -520,6 +532,7 @@ impl Engine {
             }),
             commit: Commit::default(),
             in_flight: AtomicUsize::new(0),
+            active_segment: AtomicU64::new(segment),
             gc_lock: Mutex::new(0),
             report: rec.report,
             _lock: lock,
@@ -804,8 +817,8 @@ impl Engine {
                 }
                 let mut batch = WriteBatch::new();
                 batch.append(group, first, &entries);
-                let (mut record, crc_tail) = batch.body.encode(inner.opts.compression_threshold);
-                inner.write_locked(&mut log, &batch, &mut record, crc_tail)?;
+                let mut record = batch.body.encode(inner.opts.compression_threshold);
+                inner.write_locked(&mut log, &batch, &mut record, None)?;
                 report.rewritten_groups.push(group);
             }
         }

@@ -912,8 +912,8 @@ mod tests {
             let mut b = BodyBuilder::default();
             let mut lens = Vec::new();
             b.append(1, i + 1, [vec![i as u8; 30]], &mut lens).unwrap();
-            let (mut rec, crc) = b.encode(usize::MAX);
-            seal_record(&mut rec, id, crc);
+            let mut rec = b.encode(usize::MAX);
+            seal_record(&mut rec, id);
             data.extend_from_slice(&rec);
             ends.push(data.len() as u64);
         }

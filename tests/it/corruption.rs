@@ -152,7 +152,14 @@ fn read_image(dir: &Path) -> Image {
         let e = e.unwrap();
         let name = e.file_name().to_string_lossy().into_owned();
         if name != "LOCK" && e.file_type().unwrap().is_file() {
-            img.insert(name, std::fs::read(e.path()).unwrap());
+            // An open engine may rename a prepared segment (`.wal.tmp`) meanwhile.
+            match std::fs::read(e.path()) {
+                Ok(bytes) => {
+                    img.insert(name, bytes);
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => panic!("reading {:?}: {err}", e.path()),
+            }
         }
     }
     img
