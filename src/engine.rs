@@ -31,7 +31,7 @@ use crate::fs::{DirLock, FileSystem, FsFile};
 use crate::index::{EntryLoc, Group, Groups, Range, Run};
 use crate::options::{Options, MAX_RECORD_BYTES};
 use crate::recovery::{recover, RecoveryReport};
-use crate::segment::{create_segment, segment_name, SEGMENT_HEADER_LEN};
+use crate::segment::{create_segment, prefill_segment, segment_name, SEGMENT_HEADER_LEN};
 
 /// Name of the lock file in the data directory.
 pub const LOCK_NAME: &str = "LOCK";
@@ -70,7 +70,8 @@ impl Drop for Handle {
     }
 }
 
-type Prepared = JoinHandle<Result<Arc<dyn FsFile>>>;
+/// A segment being prepared in the background: the file, and whether it was zero-filled.
+type Prepared = JoinHandle<Result<(Arc<dyn FsFile>, bool)>>;
 
 struct LogWriter {
     segment: u64,
@@ -78,8 +79,12 @@ struct LogWriter {
     offset: u64,
     written: u64,
     preparing: Option<Prepared>,
+    /// Whether the segment being prepared will be zero-filled.
+    preparing_prefilled: bool,
     /// Whether the active segment was zero-filled ahead (fdatasync into it is cheaper).
     prefilled: bool,
+    /// Whether the active segment has been fsynced for a durable write (a synced workload).
+    synced_in_segment: bool,
     /// A GC round planned at the last rotation, to run once the log lock is released.
     pending_gc: Option<GcPlan>,
 }
@@ -159,7 +164,10 @@ impl Syncer for Inner {
             }
         }
         let (file, target) = {
-            let log = self.log.lock();
+            let mut log = self.log.lock();
+            if !log.synced_in_segment || !log.prefilled {
+                self.note_sync(&mut log);
+            }
             (log.file.clone(), log.written)
         };
         self.commit
@@ -261,12 +269,43 @@ impl Inner {
         err
     }
 
-    fn prepare(&self, id: u64) -> Prepared {
+    /// Starts preparing segment `id` in the background, zero-filled or only reserved.
+    fn prepare(&self, id: u64, prefill: bool) -> Prepared {
         let fs = self.fs.clone();
         let dir = self.dir.clone();
         let size = self.opts.segment_size;
-        let prefill = self.opts.prefill_segments;
-        std::thread::spawn(move || create_segment(fs.as_ref(), &dir, id, size, prefill))
+        std::thread::spawn(move || {
+            create_segment(fs.as_ref(), &dir, id, size, prefill).map(|f| (f, prefill))
+        })
+    }
+
+    /// Called by an fsync leader with the log lock: the active segment serves durable writes.
+    /// Zero-filling pays off only for them (cheaper fdatasync), so it is decided here: if the
+    /// segment being prepared is not zero-filled, it is zero-filled once ready, and the writer
+    /// moves to it as soon as that is done (see `write_locked`).
+    fn note_sync(&self, log: &mut LogWriter) {
+        log.synced_in_segment = true;
+        if !self.opts.prefill_segments || log.prefilled || log.preparing_prefilled {
+            return;
+        }
+        let Some(pending) = log.preparing.take() else {
+            return;
+        };
+        let id = log.segment + 1;
+        let size = self.opts.segment_size;
+        log.preparing_prefilled = true;
+        log.preparing = Some(std::thread::spawn(move || {
+            let (file, prefilled) = pending.join().map_err(|_| {
+                Error::io(
+                    "preparing a segment",
+                    std::io::Error::other("preparation thread panicked"),
+                )
+            })??;
+            if !prefilled {
+                prefill_segment(file.as_ref(), id, size)?;
+            }
+            Ok((file, true))
+        }));
     }
 
     /// Seals the active segment (fsync) and switches to the next one. Called with the log lock.
@@ -274,7 +313,7 @@ impl Inner {
         let next_id = log.segment + 1;
         let next = match log.preparing.take() {
             Some(h) => match h.join() {
-                Ok(Ok(file)) => Ok(file),
+                Ok(Ok(prepared)) => Ok(prepared),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(Error::io(
                     "preparing the next segment",
@@ -283,19 +322,20 @@ impl Inner {
             },
             None => Err(Error::InvalidArgument(String::new())),
         };
-        let file = match next {
-            Ok(f) => f,
+        let (file, prefilled) = match next {
+            Ok(prepared) => prepared,
             // Prepare failed (or was never started): try once more inline. A leftover file of
             // that id is garbage from the failed attempt.
             Err(_) => {
                 let _ = self.fs.remove(&self.dir.join(segment_name(next_id)));
-                create_segment(
+                let file = create_segment(
                     self.fs.as_ref(),
                     &self.dir,
                     next_id,
                     self.opts.segment_size,
-                    self.opts.prefill_segments,
-                )?
+                    false,
+                )?;
+                (file, false)
             }
         };
         if next_id > u64::from(u32::MAX) {
@@ -316,8 +356,13 @@ impl Inner {
         self.active_segment.store(next_id, Ordering::Relaxed);
         log.file = file;
         log.offset = SEGMENT_HEADER_LEN;
-        log.prefilled = self.opts.prefill_segments;
-        log.preparing = Some(self.prepare(next_id + 1));
+        // Zero-fill the next segment only if this one served durable writes: a bulk, unsynced
+        // load gains nothing from it and would write every byte twice.
+        let prefill_next = self.opts.prefill_segments && log.synced_in_segment;
+        log.prefilled = prefilled;
+        log.synced_in_segment = false;
+        log.preparing_prefilled = prefill_next;
+        log.preparing = Some(self.prepare(next_id + 1, prefill_next));
         if self.opts.auto_gc {
             log.pending_gc = self.plan_gc(log);
         }
@@ -340,7 +385,7 @@ impl Inner {
         // The segment made at open is not prefilled (open stays fast); move to the prefilled
         // one as soon as it is ready.
         let upgrade = !log.prefilled
-            && self.opts.prefill_segments
+            && log.preparing_prefilled
             && log.preparing.as_ref().is_some_and(|h| h.is_finished());
         if full || upgrade {
             self.rotate(log)?;
@@ -492,7 +537,8 @@ impl Engine {
         // (prefilled by the previous run) is the next to rotate to, and any others are removed.
         let mut empty_tail = rec.empty_tail.into_iter();
         let (segment, file, prefilled) = match empty_tail.next() {
-            Some((id, file)) => (id, file, options.prefill_segments),
+            // Whether the previous run zero-filled it is not known: assume not.
+            Some((id, file)) => (id, file, false),
             None => {
                 // Not prefilled here: opening stays fast; the segments after it are prefilled.
                 let id = rec.next_segment;
@@ -527,7 +573,9 @@ impl Engine {
                 offset: SEGMENT_HEADER_LEN,
                 written: 0,
                 preparing: None,
+                preparing_prefilled: false,
                 prefilled,
+                synced_in_segment: false,
                 pending_gc: None,
             }),
             commit: Commit::default(),
@@ -541,8 +589,10 @@ impl Engine {
         {
             let mut log = inner.log.lock();
             log.preparing = Some(match ready_next {
-                Some((id, file)) if id == segment + 1 => std::thread::spawn(move || Ok(file)),
-                _ => inner.prepare(segment + 1),
+                Some((id, file)) if id == segment + 1 => {
+                    std::thread::spawn(move || Ok((file, false)))
+                }
+                _ => inner.prepare(segment + 1, false),
             });
         }
         let flusher_inner = inner.clone();

@@ -91,15 +91,7 @@ pub fn create_segment(
         .map_err(|e| Error::io(ctx("writing header of"), e))?;
     if size > SEGMENT_HEADER_LEN {
         if prefill {
-            const CHUNK: usize = 1 << 20;
-            let zeros = vec![0u8; CHUNK];
-            let mut off = SEGMENT_HEADER_LEN;
-            while off < size {
-                let n = (size - off).min(CHUNK as u64) as usize;
-                file.write_all_at(&zeros[..n], off)
-                    .map_err(|e| Error::io(ctx("prefilling"), e))?;
-                off += n as u64;
-            }
+            write_zeros(file.as_ref(), size).map_err(|e| Error::io(ctx("prefilling"), e))?;
         } else {
             file.allocate(size)
                 .map_err(|e| Error::io(ctx("preallocating"), e))?;
@@ -112,6 +104,28 @@ pub fn create_segment(
     fs.sync_dir(dir)
         .map_err(|e| Error::io(ctx("syncing directory after creating"), e))?;
     Ok(file)
+}
+
+/// Writes zeros over a segment from the end of its header to `size`.
+fn write_zeros(file: &dyn FsFile, size: u64) -> std::io::Result<()> {
+    const CHUNK: usize = 1 << 20;
+    let zeros = vec![0u8; CHUNK];
+    let mut off = SEGMENT_HEADER_LEN;
+    while off < size {
+        let n = (size - off).min(CHUNK as u64) as usize;
+        file.write_all_at(&zeros[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Zero-fills an existing, still empty segment (whose space was only reserved) so that
+/// fdatasync into it skips the file system's metadata journal, and syncs it. Its content does
+/// not change: reserved space reads as zeros already.
+pub fn prefill_segment(file: &dyn FsFile, id: u64, size: u64) -> Result<()> {
+    write_zeros(file, size).map_err(|e| Error::io(format!("prefilling segment {id}"), e))?;
+    file.sync_data()
+        .map_err(|e| Error::io(format!("syncing prefilled segment {id}"), e))
 }
 
 #[cfg(test)]

@@ -444,6 +444,7 @@ fn second_open_of_a_locked_directory_fails() {
 struct FailingSync {
     fail: Arc<AtomicBool>,
     syncs: Arc<AtomicUsize>,
+    written: Arc<AtomicUsize>,
 }
 
 #[derive(Debug)]
@@ -451,6 +452,7 @@ struct FailingFile {
     inner: Arc<dyn FsFile>,
     fail: Arc<AtomicBool>,
     syncs: Arc<AtomicUsize>,
+    written: Arc<AtomicUsize>,
 }
 
 impl FsFile for FailingFile {
@@ -458,6 +460,7 @@ impl FsFile for FailingFile {
         self.inner.read_exact_at(buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.written.fetch_add(buf.len(), Ordering::SeqCst);
         self.inner.write_all_at(buf, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
@@ -484,6 +487,7 @@ impl FailingSync {
             inner: f,
             fail: self.fail.clone(),
             syncs: self.syncs.clone(),
+            written: self.written.clone(),
         })
     }
 }
@@ -660,4 +664,48 @@ fn rotation_deletes_dead_segments_without_an_explicit_gc() {
     assert_eq!((e.first_index(1), e.last_index(1)), (Some(391), Some(400)));
     assert_eq!(e.vote(1), Some(400u64.to_le_bytes().to_vec()));
     assert_eq!(e.entry(1, 395).unwrap(), Some(vec![395u64 as u8; 1000]));
+}
+
+#[test]
+fn segments_are_zero_filled_only_for_synced_workloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Arc::new(FailingSync::default());
+    let written = fs.written.clone();
+    let seg = 64 << 10;
+    let e = Engine::open(
+        dir.path(),
+        Options::default()
+            .segment_size(seg)
+            .prefill_segments(true)
+            .file_system(fs),
+    )
+    .unwrap();
+    // A bulk, unsynced load of 1 MiB over ~16 segments: nothing is zero-filled.
+    let payload = 1usize << 20;
+    for i in 0..256u64 {
+        let mut b = WriteBatch::new();
+        b.append(1, i + 1, [vec![7u8; 4096]]);
+        e.write_unsynced(b).unwrap();
+    }
+    let bulk = written.load(Ordering::SeqCst);
+    assert!(
+        bulk < payload + payload / 8,
+        "bulk load wrote {bulk} bytes for {payload}"
+    );
+    // Synced writes: the segments prepared from now on are zero-filled.
+    let before = written.load(Ordering::SeqCst);
+    for i in 0..100u64 {
+        let mut b = WriteBatch::new();
+        b.append(2, i + 1, [vec![1u8; 2048]]);
+        e.write(b).unwrap();
+    }
+    let synced = written.load(Ordering::SeqCst) - before;
+    assert!(
+        synced > 200 * 1024 + seg as usize,
+        "synced phase wrote {synced} bytes: no zero-fill?"
+    );
+    drop(e);
+    let e = Engine::open(dir.path(), small()).unwrap();
+    assert_eq!(e.last_index(1), Some(256));
+    assert_eq!(e.last_index(2), Some(100));
 }

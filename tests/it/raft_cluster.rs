@@ -236,27 +236,40 @@ impl Cluster {
         Ok(self.router.get(node, group)?)
     }
 
-    /// A running leader of `group` that a quorum has acknowledged (so it accepts writes).
+    /// A running leader of `group` that a quorum has acknowledged (so it accepts writes). If
+    /// leadership moves while waiting (an election under load), follow it.
     async fn leader(&self, group: u64) -> anyhow::Result<u64> {
         let running: BTreeSet<u64> = self.running().into_iter().collect();
         let observer = *running.iter().next().context("no node is running")?;
-        let m = self
-            .raft(observer, group)?
-            .wait(Some(WAIT))
-            .metrics(
-                |m| m.current_leader.is_some_and(|l| running.contains(&l)),
-                format!("group {group}: a running leader"),
-            )
-            .await?;
-        let leader = m.current_leader.context("no leader")?;
-        self.raft(leader, group)?
-            .wait(Some(WAIT))
-            .metrics(
-                |m| m.state == ServerState::Leader && m.last_quorum_acked.is_some(),
-                format!("group {group}: node {leader} acknowledged as leader"),
-            )
-            .await?;
-        Ok(leader)
+        let mut last_err = None;
+        for _ in 0..5 {
+            let m = self
+                .raft(observer, group)?
+                .wait(Some(WAIT))
+                .metrics(
+                    |m| m.current_leader.is_some_and(|l| running.contains(&l)),
+                    format!("group {group}: a running leader"),
+                )
+                .await?;
+            let leader = m.current_leader.context("no leader")?;
+            let m = self
+                .raft(leader, group)?
+                .wait(Some(WAIT))
+                .metrics(
+                    |m| {
+                        (m.state == ServerState::Leader && m.last_quorum_acked.is_some())
+                            || m.current_leader != Some(leader)
+                    },
+                    format!("group {group}: node {leader} acknowledged as leader, or deposed"),
+                )
+                .await;
+            match m {
+                Ok(m) if m.state == ServerState::Leader => return Ok(leader),
+                Ok(_) => continue,
+                Err(e) => last_err = Some(e),
+            }
+        }
+        bail!("group {group}: no acknowledged leader; last error: {last_err:?}")
     }
 
     /// Writes `key = value` through the leader of `group`, retrying on leader changes (a set is
