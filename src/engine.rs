@@ -83,8 +83,8 @@ struct LogWriter {
     preparing_prefilled: bool,
     /// Whether the active segment was zero-filled ahead (fdatasync into it is cheaper).
     prefilled: bool,
-    /// Whether the active segment has been fsynced for a durable write (a synced workload).
-    synced_in_segment: bool,
+    /// fsyncs for durable writes into the active segment (a synced workload makes many).
+    syncs_in_segment: u32,
     /// A GC round planned at the last rotation, to run once the log lock is released.
     pending_gc: Option<GcPlan>,
 }
@@ -151,6 +151,10 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// fsyncs a segment must see before the engine zero-fills segments ahead: a bulk load that
+/// syncs once at its end is not a synced workload.
+const PREFILL_AFTER_SYNCS: u32 = 16;
+
 /// How long an fsync leader waits for writers already in the write path to finish their write,
 /// so that one fdatasync covers them too. Bounded, and skipped when no writer is in flight.
 const LINGER: std::time::Duration = std::time::Duration::from_micros(150);
@@ -165,9 +169,7 @@ impl Syncer for Inner {
         }
         let (file, target) = {
             let mut log = self.log.lock();
-            if !log.synced_in_segment || !log.prefilled {
-                self.note_sync(&mut log);
-            }
+            self.note_sync(&mut log);
             (log.file.clone(), log.written)
         };
         self.commit
@@ -284,8 +286,12 @@ impl Inner {
     /// segment being prepared is not zero-filled, it is zero-filled once ready, and the writer
     /// moves to it as soon as that is done (see `write_locked`).
     fn note_sync(&self, log: &mut LogWriter) {
-        log.synced_in_segment = true;
-        if !self.opts.prefill_segments || log.prefilled || log.preparing_prefilled {
+        log.syncs_in_segment = log.syncs_in_segment.saturating_add(1);
+        if !self.opts.prefill_segments
+            || log.prefilled
+            || log.preparing_prefilled
+            || log.syncs_in_segment < PREFILL_AFTER_SYNCS
+        {
             return;
         }
         let Some(pending) = log.preparing.take() else {
@@ -358,9 +364,10 @@ impl Inner {
         log.offset = SEGMENT_HEADER_LEN;
         // Zero-fill the next segment only if this one served durable writes: a bulk, unsynced
         // load gains nothing from it and would write every byte twice.
-        let prefill_next = self.opts.prefill_segments && log.synced_in_segment;
+        let prefill_next =
+            self.opts.prefill_segments && log.syncs_in_segment >= PREFILL_AFTER_SYNCS;
         log.prefilled = prefilled;
-        log.synced_in_segment = false;
+        log.syncs_in_segment = 0;
         log.preparing_prefilled = prefill_next;
         log.preparing = Some(self.prepare(next_id + 1, prefill_next));
         if self.opts.auto_gc {
@@ -575,7 +582,7 @@ impl Engine {
                 preparing: None,
                 preparing_prefilled: false,
                 prefilled,
-                synced_in_segment: false,
+                syncs_in_segment: 0,
                 pending_gc: None,
             }),
             commit: Commit::default(),

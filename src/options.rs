@@ -103,10 +103,13 @@ impl Options {
         self
     }
 
-    /// Whether new segments are filled with zeros ahead of time (in the background). A segment
-    /// whose blocks are already written lets fdatasync skip the file system's metadata journal,
-    /// which roughly halves synced-write latency on ext4; the price is writing each segment's
-    /// bytes twice. With `false`, space is reserved with fallocate only. Default: true.
+    /// Whether segments that will serve durable writes are filled with zeros ahead of time,
+    /// in the background. fdatasync into blocks that are already written skips the file
+    /// system's metadata journal, which roughly halves synced-write latency on ext4; the price
+    /// is writing those segments twice. The engine zero-fills only when it sees fsyncs: the
+    /// segment after one that served a synced (or asynchronous) write, and the one prepared
+    /// when the first fsync lands in a segment that was not zero-filled. A bulk, unsynced load
+    /// writes each byte once. With `false`, space is only reserved (fallocate). Default: true.
     pub fn prefill_segments(mut self, prefill: bool) -> Self {
         self.prefill_segments = prefill;
         self
