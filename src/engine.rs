@@ -64,8 +64,25 @@ impl Drop for Handle {
             let _ = h.join();
         }
         let mut log = self.inner.log.lock();
-        if let Some(h) = log.preparing.take() {
-            let _ = h.join();
+        let prepared = log
+            .preparing
+            .take()
+            .and_then(|h| h.join().ok())
+            .and_then(|r| r.ok());
+        if self.inner.commit.poisoned().is_some() {
+            return;
+        }
+        // A clean shutdown seals the log: the active segment is cut to its last record and
+        // synced (so even unsynced writes are durable), and the prepared, empty segment keeps
+        // only its header. The next open then reads no zero tail. Failures only cost that.
+        let seal = |file: &dyn FsFile, len: u64| file.set_len(len).and_then(|()| file.sync_data());
+        if let Err(e) = seal(log.file.as_ref(), log.offset) {
+            tracing::warn!(error = %e, "sealing the active segment at shutdown");
+        }
+        if let Some((file, _)) = prepared {
+            if let Err(e) = seal(file.as_ref(), SEGMENT_HEADER_LEN) {
+                tracing::warn!(error = %e, "trimming the prepared segment at shutdown");
+            }
         }
     }
 }
