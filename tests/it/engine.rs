@@ -709,3 +709,45 @@ fn segments_are_zero_filled_only_for_synced_workloads() {
     assert_eq!(e.last_index(1), Some(256));
     assert_eq!(e.last_index(2), Some(100));
 }
+
+const LOCK_CHILD_ENV: &str = "MRWAL_LOCK_CHILD_DIR";
+
+/// Child mode of `another_process_cannot_open_a_locked_directory`: try to open the directory
+/// and print what happened.
+#[test]
+#[ignore = "child process of engine::another_process_cannot_open_a_locked_directory"]
+fn lock_child() {
+    let Ok(dir) = std::env::var(LOCK_CHILD_ENV) else {
+        return;
+    };
+    match Engine::open(&dir, small()) {
+        Err(Error::Locked { .. }) => println!("CHILD: LOCKED"),
+        Ok(_) => println!("CHILD: OPENED"),
+        Err(e) => println!("CHILD: ERROR {e}"),
+    }
+}
+
+#[test]
+fn another_process_cannot_open_a_locked_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_child = || {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "engine::lock_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(LOCK_CHILD_ENV, dir.path())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let e = Engine::open(dir.path(), small()).unwrap();
+    let held = run_child();
+    assert!(held.contains("CHILD: LOCKED"), "child output: {held}");
+    drop(e);
+    let free = run_child();
+    assert!(free.contains("CHILD: OPENED"), "child output: {free}");
+}
