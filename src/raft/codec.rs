@@ -63,60 +63,63 @@ impl fmt::Debug for BincodeCodec {
     }
 }
 
-impl BincodeCodec {
-    fn encode<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) -> io::Result<()> {
-        bincode::serde::encode_into_std_write(value, out, bincode::config::standard())
-            .map(|_| ())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-    }
+/// Encodes `value` with bincode 2 (standard config) at the end of `out`.
+pub(crate) fn bincode_encode<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) -> io::Result<()> {
+    bincode::serde::encode_into_std_write(value, out, bincode::config::standard())
+        .map(|_| ())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
 
-    fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> io::Result<T> {
-        let (value, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-            .map_err(|e| {
+/// Decodes one bincode 2 value that must take all of `bytes`; `what` names it in errors.
+pub(crate) fn bincode_decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> io::Result<T> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("cannot decode {what}: {e}"),
             )
         })?;
-        if used != bytes.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "cannot decode {what}: {} trailing bytes",
-                    bytes.len() - used
-                ),
-            ));
-        }
-        Ok(value)
+    if used != bytes.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "cannot decode {what}: {} trailing bytes",
+                bytes.len() - used
+            ),
+        ));
     }
+    Ok(value)
 }
 
 impl<C: RaftTypeConfig> Codec<C> for BincodeCodec {
     fn encode_entry(&self, entry: &EntryOf<C>, out: &mut Vec<u8>) -> io::Result<()> {
-        Self::encode(entry, out)
+        bincode_encode(entry, out)
     }
 
     fn decode_entry(&self, bytes: &[u8]) -> io::Result<EntryOf<C>> {
-        Self::decode(bytes, "log entry")
+        bincode_decode(bytes, "log entry")
     }
 
     fn encode_vote(&self, vote: &VoteOf<C>) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
-        Self::encode(vote, &mut out)?;
+        bincode_encode(vote, &mut out)?;
         Ok(out)
     }
 
     fn decode_vote(&self, bytes: &[u8]) -> io::Result<VoteOf<C>> {
-        Self::decode(bytes, "vote")
+        bincode_decode(bytes, "vote")
     }
 
     fn encode_log_id(&self, log_id: &LogIdOf<C>) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
-        Self::encode(log_id, &mut out)?;
+        bincode_encode(log_id, &mut out)?;
         Ok(out)
     }
 
     fn decode_log_id(&self, bytes: &[u8]) -> io::Result<LogIdOf<C>> {
-        Self::decode(bytes, "log id")
+        bincode_decode(bytes, "log id")
     }
 }

@@ -22,6 +22,7 @@ use openraft::{EntryPayload, OptionalSend, StoredMembership};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use super::codec::bincode_decode as decode;
 use crate::{Engine, WriteBatch};
 
 openraft::declare_raft_types!(
@@ -112,25 +113,9 @@ impl fmt::Debug for KvStateMachine {
 }
 
 fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
-    bincode::serde::encode_to_vec(value, bincode::config::standard())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-}
-
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> io::Result<T> {
-    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("cannot decode {what}: {e}"),
-            )
-        })?;
-    if used != bytes.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("cannot decode {what}: trailing bytes"),
-        ));
-    }
-    Ok(value)
+    let mut out = Vec::new();
+    super::codec::bincode_encode(value, &mut out)?;
+    Ok(out)
 }
 
 impl KvStateMachine {
