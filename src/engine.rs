@@ -951,9 +951,7 @@ impl Inner {
         let mut referenced = BTreeSet::new();
         for shard in self.groups.shards() {
             for g in shard.read().values() {
-                g.entries.for_each_run(|run, _, _| {
-                    referenced.insert(u64::from(run.segment));
-                });
+                referenced.extend(g.entries.segments().map(u64::from));
             }
         }
         referenced

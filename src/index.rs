@@ -210,6 +210,12 @@ impl EntryIndex {
         }
     }
 
+    /// The segments this group's entries live in (every run holds at least one live entry:
+    /// purge and truncate drop the runs they empty). O(runs), unlike [`Self::for_each_run`].
+    pub(crate) fn segments(&self) -> impl Iterator<Item = u32> + '_ {
+        self.runs.iter().map(|r| r.segment)
+    }
+
     pub(crate) fn oldest_segment(&self) -> Option<u32> {
         self.runs.iter().map(|r| r.segment).min()
     }
@@ -335,5 +341,6 @@ mod tests {
         let mut seen = Vec::new();
         ix.for_each_run(|r, n, b| seen.push((r.segment, n, b)));
         assert_eq!(seen, vec![(1, 2, 20), (2, 4, 40)]);
+        assert_eq!(ix.segments().collect::<Vec<_>>(), vec![1, 2]);
     }
 }
