@@ -669,6 +669,21 @@ impl Engine {
         Ok(())
     }
 
+    /// Writes `batch` and returns a future that resolves once the batch is durable: the
+    /// awaitable form of [`Engine::write_async`], for async code. The batch's effects are
+    /// readable when this returns; awaiting the [`DurableWrite`] waits for the fdatasync that
+    /// covers it without blocking a thread, so one fdatasync covers the writes of many tasks.
+    ///
+    /// # Errors
+    ///
+    /// Fails, with nothing written, as [`Engine::write`] does for an invalid batch or a
+    /// poisoned engine; the future resolves to the error of a failed fdatasync.
+    pub fn write_durable(&self, batch: WriteBatch) -> Result<crate::DurableWrite> {
+        let (fut, done) = crate::durable::DurableWrite::new();
+        self.write_async(batch, move |r| done.complete(r))?;
+        Ok(fut)
+    }
+
     /// Makes everything written so far durable.
     pub fn sync(&self) -> Result<()> {
         let inner = self.inner();

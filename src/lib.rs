@@ -9,6 +9,7 @@ mod batch;
 mod checkpoint;
 mod codec;
 mod commit;
+mod durable;
 mod engine;
 mod error;
 pub mod fs;
@@ -20,6 +21,7 @@ mod recovery;
 mod segment;
 
 pub use batch::WriteBatch;
+pub use durable::DurableWrite;
 pub use engine::{Engine, GcReport, Stats};
 pub use error::{Error, Result};
 pub use options::{Options, RecoveryMode};
