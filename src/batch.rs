@@ -80,6 +80,8 @@ pub struct WriteBatch {
     pub(crate) items: Vec<Item>,
     pub(crate) lens: Vec<u32>,
     pub(crate) invalid: Option<String>,
+    /// Groups whose index version must be unchanged for the batch to apply (GC rewrites).
+    pub(crate) expect_version: Vec<(u64, u64)>,
 }
 
 impl WriteBatch {

@@ -1,13 +1,21 @@
-//! Group commit: one fdatasync for everything written so far, shared by every waiter, and the
-//! callbacks of asynchronous writes fired once the fsync that covers them has returned.
+//! The sync stage of group commit: one fdatasync at a time covers every write group written
+//! before it started; writers wait on their own [`Signal`] and are woken one by one when their
+//! group is durable; asynchronous callbacks fire from whoever completes the fsync.
 //!
 //! Invariants:
 //! - `synced` only grows, and only after a `sync_data` (or a rotation's fsync) covering every
-//!   write with a smaller or equal sequence number has returned `Ok`.
-//! - A callback runs exactly once: with `Ok` once `synced >= seq`, or with the poison error.
-//! - No lock of this module is held while a callback runs or while a file is synced.
+//!   write group with a smaller or equal sequence number has returned `Ok`.
+//! - At most one thread leads syncs (`syncing`); leadership passes from thread to thread only
+//!   through this module's state, never by spinning. When it ends, no waiter is left waiting
+//!   beyond `synced` without a thread (a writer told to lead, or the flusher) on its way.
+//! - A waiter completes exactly once: with `Ok` once `synced >= seq`, or with the poison error.
+//!   Once poisoned, nothing more is acknowledged, even what an in-flight fsync covered.
+//! - No lock of this module is held while a callback runs or while a file is synced. A callback
+//!   that panics is contained: the thread that ran it goes on.
 
 use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -16,29 +24,130 @@ use crate::error::{Error, Result};
 /// Called once a batch is durable, or with the error that stopped it.
 pub(crate) type Callback = Box<dyn FnOnce(Result<()>) + Send + 'static>;
 
+/// What one writer thread waits for. Set by other threads; the writer parks on it.
+#[derive(Default)]
+pub(crate) struct Signal {
+    st: Mutex<SigState>,
+    cv: Condvar,
+}
+
+/// The news a parked writer may get.
+#[derive(Default)]
+pub(crate) struct SigState {
+    /// The write group holding this writer's batch was written (its sequence number), or the
+    /// batch was refused.
+    pub(crate) written: Option<Result<u64>>,
+    /// The batch is durable, or never will be.
+    pub(crate) durable: Option<Result<()>>,
+    /// This writer now leads the write stage (takes the queue and writes it).
+    pub(crate) lead_write: bool,
+    /// This writer now leads the sync stage.
+    pub(crate) lead_sync: bool,
+}
+
+impl Signal {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut SigState)) {
+        let mut st = self.st.lock();
+        f(&mut st);
+        self.cv.notify_one();
+    }
+
+    /// Parks until `f` returns `Some`.
+    pub(crate) fn wait_for<R>(&self, mut f: impl FnMut(&mut SigState) -> Option<R>) -> R {
+        let mut st = self.st.lock();
+        loop {
+            if let Some(r) = f(&mut st) {
+                return r;
+            }
+            self.cv.wait(&mut st);
+        }
+    }
+}
+
+/// Someone waiting for durability.
+pub(crate) enum Waiter {
+    /// A parked writer thread.
+    Signal(Arc<Signal>),
+    /// An asynchronous write's callback.
+    Callback(Callback),
+}
+
+impl Waiter {
+    fn complete(self, result: Result<()>) {
+        match self {
+            Waiter::Signal(s) => s.update(|st| st.durable = Some(result)),
+            Waiter::Callback(cb) => {
+                if catch_unwind(AssertUnwindSafe(|| cb(result))).is_err() {
+                    tracing::error!("a durability callback panicked; the engine goes on");
+                }
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     synced: u64,
-    leader: bool,
-    callbacks: VecDeque<(u64, Callback)>,
+    syncing: bool,
+    /// Waiters in the order they were registered, which is sequence order (registration happens
+    /// under the log lock as each group is written).
+    waiters: VecDeque<(u64, Waiter)>,
+    /// Callbacks found durable by a rotation's fsync, to be fired by the flusher (the rotating
+    /// thread holds the log lock, and a callback may write).
+    ready_callbacks: Vec<(Callback, bool)>,
     poisoned: Option<String>,
     shutdown: bool,
 }
 
-/// The group-commit coordinator.
+impl State {
+    fn pending(&self) -> bool {
+        self.waiters.back().is_some_and(|(s, _)| *s > self.synced)
+    }
+
+    /// Removes the waiters that `synced` covers.
+    fn take_ready(&mut self) -> Vec<Waiter> {
+        let mut ready = Vec::new();
+        while self.waiters.front().is_some_and(|(s, _)| *s <= self.synced) {
+            if let Some((_, w)) = self.waiters.pop_front() {
+                ready.push(w);
+            }
+        }
+        ready
+    }
+}
+
+/// The sync-stage coordinator.
 #[derive(Default)]
 pub(crate) struct Commit {
     state: Mutex<State>,
-    cv: Condvar,
+    /// The flusher waits here.
+    flusher_cv: Condvar,
     /// Serializes every fdatasync of a segment, so that a sync that returns `Ok` after another
     /// failed (the kernel may have dropped the failed sync's dirty pages) is never believed.
     sync_lock: Mutex<()>,
 }
 
-/// What a sync leader must do: sync a file covering writes up to `target`.
+/// What a sync leader does: make every write group written so far durable.
 pub(crate) trait Syncer {
-    /// Syncs the active segment; returns the highest sequence number now durable.
-    fn sync_active(&self) -> Result<u64>;
+    /// Writes out buffered bytes and fdatasyncs the active segment; returns the highest
+    /// sequence number now durable, and, if the disk was too full to write out everything,
+    /// the error for the waiters beyond it (the engine is not poisoned by that).
+    fn sync_active(&self) -> Result<(u64, Option<Error>)>;
+}
+
+/// Resets the `syncing` flag if a sync leader unwinds, so waiters are not stranded.
+struct SyncingGuard<'a>(&'a Commit, bool);
+
+impl Drop for SyncingGuard<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            let mut st = self.0.state.lock();
+            st.syncing = false;
+            let reason = "a sync leader panicked".to_string();
+            st.poisoned.get_or_insert(reason);
+            self.0.flusher_cv.notify_all();
+        }
+    }
 }
 
 impl Commit {
@@ -46,15 +155,22 @@ impl Commit {
         self.state.lock().poisoned.clone()
     }
 
-    /// Poisons the engine. Pending callbacks are failed by the flusher, never here: this may be
-    /// called with the log lock held, and a callback may write.
+    pub(crate) fn check_poison(&self) -> Result<()> {
+        match self.poisoned() {
+            Some(reason) => Err(Error::Poisoned { reason }),
+            None => Ok(()),
+        }
+    }
+
+    /// Poisons the engine. Waiters are failed by the next sync leader or the flusher, never
+    /// here: this may be called with the log lock held, and a callback may write.
     pub(crate) fn poison(&self, reason: String) {
         let mut st = self.state.lock();
         if st.poisoned.is_none() {
             tracing::error!(%reason, "engine poisoned");
             st.poisoned = Some(reason);
         }
-        self.cv.notify_all();
+        self.flusher_cv.notify_all();
     }
 
     /// Runs one fdatasync of a segment. Syncs are serialized; none runs once the engine is
@@ -66,9 +182,7 @@ impl Commit {
         sync: impl FnOnce() -> std::io::Result<()>,
     ) -> Result<()> {
         let _serial = self.sync_lock.lock();
-        if let Some(reason) = self.poisoned() {
-            return Err(Error::Poisoned { reason });
-        }
+        self.check_poison()?;
         sync().map_err(|e| {
             let err = Error::io(what, e);
             self.poison(format!("{err}"));
@@ -77,11 +191,26 @@ impl Commit {
     }
 
     /// Records that everything up to `seq` is durable (a rotation fsynced the old segment).
+    /// Parked writers it covers are woken; callbacks go to the flusher.
     pub(crate) fn mark_synced(&self, seq: u64) {
         let mut st = self.state.lock();
-        if st.poisoned.is_none() && seq > st.synced {
-            st.synced = seq;
-            self.cv.notify_all();
+        if st.poisoned.is_some() || seq <= st.synced {
+            return;
+        }
+        st.synced = seq;
+        let mut wake = Vec::new();
+        for w in st.take_ready() {
+            match w {
+                Waiter::Signal(s) => wake.push(s),
+                Waiter::Callback(cb) => st.ready_callbacks.push((cb, true)),
+            }
+        }
+        if !st.ready_callbacks.is_empty() {
+            self.flusher_cv.notify_all();
+        }
+        drop(st);
+        for s in wake {
+            s.update(|st| st.durable = Some(Ok(())));
         }
     }
 
@@ -89,128 +218,225 @@ impl Commit {
         self.state.lock().synced
     }
 
-    pub(crate) fn add_callback(&self, seq: u64, cb: Callback) {
+    /// Registers a waiter for write group `seq`. Called under the log lock, in sequence order.
+    /// A waiter already covered, or arriving after poisoning, completes at once (a callback
+    /// through the flusher).
+    pub(crate) fn register(&self, seq: u64, waiter: Waiter) {
         let mut st = self.state.lock();
         if let Some(reason) = st.poisoned.clone() {
-            drop(st);
-            cb(Err(Error::Poisoned { reason }));
+            match waiter {
+                Waiter::Signal(s) => {
+                    drop(st);
+                    s.update(|x| x.durable = Some(Err(Error::Poisoned { reason })));
+                }
+                Waiter::Callback(cb) => {
+                    st.ready_callbacks.push((cb, false));
+                    self.flusher_cv.notify_all();
+                }
+            }
             return;
         }
-        st.callbacks.push_back((seq, cb));
-        self.cv.notify_all();
-    }
-
-    fn take_ready(st: &mut State) -> Vec<Callback> {
-        let mut ready = Vec::new();
-        // Sequence numbers are registered in write order, but a callback may be registered a
-        // little after a later write's: scan while the front is ready, then sweep the rest.
-        if st.callbacks.iter().any(|(s, _)| *s <= st.synced) {
-            let synced = st.synced;
-            let mut rest = VecDeque::with_capacity(st.callbacks.len());
-            for (s, cb) in st.callbacks.drain(..) {
-                if s <= synced {
-                    ready.push(cb);
-                } else {
-                    rest.push_back((s, cb));
+        if seq <= st.synced {
+            match waiter {
+                Waiter::Signal(s) => {
+                    drop(st);
+                    s.update(|x| x.durable = Some(Ok(())));
+                }
+                Waiter::Callback(cb) => {
+                    st.ready_callbacks.push((cb, true));
+                    self.flusher_cv.notify_all();
                 }
             }
-            st.callbacks = rest;
+            return;
         }
-        ready
+        st.waiters.push_back((seq, waiter));
     }
 
-    /// Blocks until every write up to `seq` is durable, leading an fsync if nobody else is.
-    pub(crate) fn wait_durable(&self, seq: u64, syncer: &dyn Syncer) -> Result<()> {
+    /// Starts the sync stage if waiters are pending and nobody leads it. Returns `true` if the
+    /// caller must now lead it (call [`Commit::lead_syncs`]); if `can_lead` is false the flusher
+    /// is asked instead.
+    pub(crate) fn kick(&self, can_lead: bool) -> bool {
         let mut st = self.state.lock();
+        if st.syncing || !(st.pending() || st.poisoned.is_some() && !st.waiters.is_empty()) {
+            return false;
+        }
+        if can_lead {
+            st.syncing = true;
+            true
+        } else {
+            self.flusher_cv.notify_all();
+            false
+        }
+    }
+
+    /// Leads the sync stage (the caller set `syncing` through [`Commit::kick`] or was handed
+    /// leadership): fsyncs until no waiter is left beyond `synced`, or, if `hand_over`, hands
+    /// leadership to another parked writer after the first round so the caller can return.
+    pub(crate) fn lead_syncs(&self, syncer: &dyn Syncer, hand_over: bool) {
+        let mut guard = SyncingGuard(self, true);
         loop {
-            if st.synced >= seq {
-                let ready = Self::take_ready(&mut st);
+            let mut st = self.state.lock();
+            if let Some(reason) = st.poisoned.clone() {
+                let all: Vec<Waiter> = st.waiters.drain(..).map(|(_, w)| w).collect();
+                st.syncing = false;
+                guard.1 = false;
                 drop(st);
-                ready.into_iter().for_each(|cb| cb(Ok(())));
-                return Ok(());
+                for w in all {
+                    w.complete(Err(Error::Poisoned {
+                        reason: reason.clone(),
+                    }));
+                }
+                return;
             }
-            if let Some(reason) = &st.poisoned {
-                return Err(Error::Poisoned {
-                    reason: reason.clone(),
-                });
+            if !st.pending() {
+                let ready = st.take_ready();
+                st.syncing = false;
+                guard.1 = false;
+                drop(st);
+                for w in ready {
+                    w.complete(Ok(()));
+                }
+                return;
             }
-            if st.leader {
-                self.cv.wait(&mut st);
-                continue;
-            }
-            st.leader = true;
             drop(st);
             let result = syncer.sync_active();
-            st = self.state.lock();
-            st.leader = false;
-            match result {
-                // Once poisoned, nothing more is acknowledged, even what this sync covered.
-                Ok(_) if st.poisoned.is_some() => {
-                    self.cv.notify_all();
-                    let reason = st.poisoned.clone().unwrap_or_default();
-                    return Err(Error::Poisoned { reason });
-                }
-                Ok(durable) => {
+            let mut st = self.state.lock();
+            let mut short_of = Vec::new();
+            let ready = match result {
+                Ok((durable, short)) if st.poisoned.is_none() => {
                     if durable > st.synced {
                         st.synced = durable;
                     }
-                    self.cv.notify_all();
+                    let ready = st.take_ready();
+                    if let Some(e) = short {
+                        // Not written (disk full): these waiters fail; their writes stay
+                        // buffered and become durable with a later sync.
+                        short_of = st
+                            .waiters
+                            .drain(..)
+                            .map(|(_, w)| (w, e.to_string()))
+                            .collect();
+                    }
+                    ready
                 }
+                // Poisoned (by this sync or another path): the loop head fails everyone.
+                Ok(_) => Vec::new(),
                 Err(e) => {
-                    self.cv.notify_all();
-                    drop(st);
-                    self.poison(format!("fdatasync failed: {e}"));
-                    return Err(Error::Poisoned {
-                        reason: self.poisoned().unwrap_or_default(),
-                    });
+                    if st.poisoned.is_none() {
+                        tracing::error!(error = %e, "engine poisoned");
+                        st.poisoned = Some(format!("fdatasync failed: {e}"));
+                    }
+                    Vec::new()
                 }
+            };
+            // Hand the stage to a parked writer that still waits, so this one can return.
+            let heir = if hand_over && st.poisoned.is_none() && st.pending() {
+                st.waiters.iter().rev().find_map(|(s, w)| match w {
+                    Waiter::Signal(sig) if *s > st.synced => Some(sig.clone()),
+                    _ => None,
+                })
+            } else {
+                None
+            };
+            if heir.is_some() {
+                guard.1 = false;
+            }
+            drop(st);
+            for w in ready {
+                w.complete(Ok(()));
+            }
+            for (w, context) in short_of {
+                w.complete(Err(Error::NoSpace { context }));
+            }
+            if let Some(heir) = heir {
+                heir.update(|s| s.lead_sync = true);
+                return;
             }
         }
     }
 
-    /// The flusher's loop: whenever callbacks wait, sync until they are durable. Returns once
-    /// shut down with no callback left.
+    /// Waits (parked on `signal`) until the write group `signal` was registered for is
+    /// durable, leading the sync stage when asked to.
+    pub(crate) fn wait_durable(&self, signal: &Signal, syncer: &dyn Syncer) -> Result<()> {
+        if self.kick(true) {
+            self.lead_syncs(syncer, true);
+        }
+        loop {
+            enum Next {
+                Done(Result<()>),
+                Lead,
+            }
+            let next = signal.wait_for(|st| {
+                if let Some(r) = st.durable.take() {
+                    return Some(Next::Done(r));
+                }
+                if std::mem::take(&mut st.lead_sync) {
+                    return Some(Next::Lead);
+                }
+                None
+            });
+            match next {
+                Next::Done(r) => {
+                    // Leadership handed to us after our own group became durable: pass it on.
+                    if std::mem::take(&mut signal.st.lock().lead_sync) {
+                        self.lead_syncs(syncer, false);
+                    }
+                    return r;
+                }
+                Next::Lead => self.lead_syncs(syncer, true),
+            }
+        }
+    }
+
+    /// The flusher's loop: fires callbacks found durable elsewhere, and leads the sync stage
+    /// whenever waiters are pending and nobody leads it. Returns once shut down with nothing
+    /// left.
     pub(crate) fn run_flusher(&self, syncer: &dyn Syncer) {
         loop {
-            let target = {
-                let mut st = self.state.lock();
-                loop {
-                    if st.poisoned.is_some() {
-                        let cbs = std::mem::take(&mut st.callbacks);
-                        let reason = st.poisoned.clone().unwrap_or_default();
-                        drop(st);
-                        for (_, cb) in cbs {
-                            cb(Err(Error::Poisoned {
-                                reason: reason.clone(),
-                            }));
-                        }
-                        st = self.state.lock();
-                        if st.shutdown && st.callbacks.is_empty() {
-                            return;
-                        }
-                        if st.callbacks.is_empty() {
-                            self.cv.wait(&mut st);
-                        }
-                        continue;
-                    }
-                    if let Some(max) = st.callbacks.iter().map(|(s, _)| *s).max() {
-                        break max;
-                    }
-                    if st.shutdown {
-                        return;
-                    }
-                    self.cv.wait(&mut st);
+            let mut st = self.state.lock();
+            loop {
+                if !st.ready_callbacks.is_empty() {
+                    break;
                 }
-            };
-            // Errors poison the engine inside; the loop above then fails the callbacks.
-            let _ = self.wait_durable(target, syncer);
+                if !st.syncing && (st.pending() || st.poisoned.is_some() && !st.waiters.is_empty())
+                {
+                    break;
+                }
+                if st.shutdown && st.waiters.is_empty() && !st.syncing {
+                    return;
+                }
+                self.flusher_cv.wait(&mut st);
+            }
+            let callbacks = std::mem::take(&mut st.ready_callbacks);
+            let poisoned = st.poisoned.clone();
+            let lead =
+                !st.syncing && (st.pending() || st.poisoned.is_some() && !st.waiters.is_empty());
+            if lead {
+                st.syncing = true;
+            }
+            drop(st);
+            for (cb, ok) in callbacks {
+                let result = match (&poisoned, ok) {
+                    (_, true) => Ok(()),
+                    (Some(reason), false) => Err(Error::Poisoned {
+                        reason: reason.clone(),
+                    }),
+                    (None, false) => Err(Error::Poisoned {
+                        reason: String::new(),
+                    }),
+                };
+                Waiter::Callback(cb).complete(result);
+            }
+            if lead {
+                self.lead_syncs(syncer, false);
+            }
         }
     }
 
     pub(crate) fn shutdown(&self) {
         let mut st = self.state.lock();
         st.shutdown = true;
-        self.cv.notify_all();
+        self.flusher_cv.notify_all();
     }
 }
 
@@ -218,7 +444,6 @@ impl Commit {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-    use std::sync::Arc;
 
     struct FakeSync {
         written: AtomicU64,
@@ -227,7 +452,7 @@ mod tests {
     }
 
     impl Syncer for FakeSync {
-        fn sync_active(&self) -> Result<u64> {
+        fn sync_active(&self) -> Result<(u64, Option<Error>)> {
             self.syncs.fetch_add(1, Ordering::SeqCst);
             if self.fail {
                 return Err(Error::Io {
@@ -235,37 +460,45 @@ mod tests {
                     source: std::io::Error::other("EIO"),
                 });
             }
-            Ok(self.written.load(Ordering::SeqCst))
+            Ok((self.written.load(Ordering::SeqCst), None))
+        }
+    }
+
+    fn fake(written: u64, fail: bool) -> FakeSync {
+        FakeSync {
+            written: AtomicU64::new(written),
+            syncs: AtomicUsize::new(0),
+            fail,
         }
     }
 
     #[test]
     fn one_sync_covers_every_earlier_write_and_callbacks_fire_once() {
         let c = Commit::default();
-        let s = FakeSync {
-            written: AtomicU64::new(3),
-            syncs: AtomicUsize::new(0),
-            fail: false,
-        };
+        let s = fake(3, false);
         let fired = Arc::new(AtomicUsize::new(0));
         for seq in 1..=3 {
             let f = fired.clone();
-            c.add_callback(
+            c.register(
                 seq,
-                Box::new(move |r| {
+                Waiter::Callback(Box::new(move |r| {
                     assert!(r.is_ok());
                     f.fetch_add(1, Ordering::SeqCst);
-                }),
+                })),
             );
         }
-        c.wait_durable(2, &s).unwrap();
+        let sig = Arc::new(Signal::default());
+        c.register(2, Waiter::Signal(sig.clone()));
+        c.wait_durable(&sig, &s).unwrap();
         assert_eq!(s.syncs.load(Ordering::SeqCst), 1);
         assert_eq!(
             fired.load(Ordering::SeqCst),
             3,
             "the sync covered seq 3 too"
         );
-        c.wait_durable(3, &s).unwrap();
+        let sig = Arc::new(Signal::default());
+        c.register(3, Waiter::Signal(sig.clone()));
+        c.wait_durable(&sig, &s).unwrap();
         assert_eq!(
             s.syncs.load(Ordering::SeqCst),
             1,
@@ -276,23 +509,62 @@ mod tests {
     #[test]
     fn a_failed_sync_poisons_and_is_never_retried() {
         let c = Commit::default();
-        let s = FakeSync {
-            written: AtomicU64::new(1),
-            syncs: AtomicUsize::new(0),
-            fail: true,
-        };
-        assert!(matches!(c.wait_durable(1, &s), Err(Error::Poisoned { .. })));
-        assert!(matches!(c.wait_durable(1, &s), Err(Error::Poisoned { .. })));
+        let s = fake(1, true);
+        let sig = Arc::new(Signal::default());
+        c.register(1, Waiter::Signal(sig.clone()));
+        assert!(matches!(
+            c.wait_durable(&sig, &s),
+            Err(Error::Poisoned { .. })
+        ));
+        let sig = Arc::new(Signal::default());
+        c.register(1, Waiter::Signal(sig.clone()));
+        assert!(matches!(
+            c.wait_durable(&sig, &s),
+            Err(Error::Poisoned { .. })
+        ));
         assert_eq!(s.syncs.load(Ordering::SeqCst), 1);
-        let got = Arc::new(AtomicUsize::new(0));
-        let g = got.clone();
-        c.add_callback(
+    }
+
+    #[test]
+    fn a_panicking_callback_does_not_stop_the_sync_leader() {
+        let c = Commit::default();
+        let s = fake(2, false);
+        c.register(1, Waiter::Callback(Box::new(|_| panic!("user callback"))));
+        let fired = Arc::new(AtomicUsize::new(0));
+        let f = fired.clone();
+        c.register(
             2,
-            Box::new(move |r| {
-                assert!(r.is_err());
-                g.fetch_add(1, Ordering::SeqCst);
-            }),
+            Waiter::Callback(Box::new(move |r| {
+                assert!(r.is_ok());
+                f.fetch_add(1, Ordering::SeqCst);
+            })),
         );
-        assert_eq!(got.load(Ordering::SeqCst), 1);
+        let sig = Arc::new(Signal::default());
+        c.register(2, Waiter::Signal(sig.clone()));
+        c.wait_durable(&sig, &s).unwrap();
+        assert_eq!(fired.load(Ordering::SeqCst), 1);
+        assert!(c.poisoned().is_none());
+    }
+
+    #[test]
+    fn a_panicking_syncer_poisons_instead_of_stranding_waiters() {
+        struct Panics;
+        impl Syncer for Panics {
+            fn sync_active(&self) -> Result<(u64, Option<Error>)> {
+                panic!("syncer bug")
+            }
+        }
+        let c = Commit::default();
+        let sig = Arc::new(Signal::default());
+        c.register(1, Waiter::Signal(sig.clone()));
+        assert!(c.kick(true));
+        let r = catch_unwind(AssertUnwindSafe(|| c.lead_syncs(&Panics, true)));
+        assert!(r.is_err());
+        assert!(c.poisoned().is_some(), "the unwinding leader poisoned");
+        // The next leader fails the stranded waiter instead of leaving it parked.
+        assert!(c.kick(true));
+        c.lead_syncs(&fake(1, false), true);
+        let got = sig.wait_for(|st| st.durable.take());
+        assert!(matches!(got, Err(Error::Poisoned { .. })));
     }
 }

@@ -8,7 +8,7 @@
 //! - The same [`Range`] transitions decide both whether a batch is valid and how it is applied,
 //!   so validation and application cannot disagree.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use parking_lot::RwLock;
 
@@ -126,38 +126,63 @@ impl EntryIndex {
     }
 
     pub(crate) fn append(&mut self, index: u64, run: Run, spans: &[EntrySpan]) {
+        self.append_counted(index, run, spans, &mut RefDelta::default());
+    }
+
+    /// [`Self::append`], noting in `refs` the runs it adds and drops.
+    pub(crate) fn append_counted(
+        &mut self,
+        index: u64,
+        run: Run,
+        spans: &[EntrySpan],
+        refs: &mut RefDelta,
+    ) {
         let count = spans.len() as u64;
         if count == 0 {
             return;
         }
         let restart = self.range.is_empty() || self.range.check_append(index, count).is_err();
         if restart {
-            self.spans.clear();
-            self.runs.clear();
+            self.clear_counted(refs);
         } else {
-            self.truncate_from(index);
+            self.truncate_counted(index, refs);
         }
         self.range.append(index, count);
         self.runs.push_back(Run {
             first: index,
             ..run
         });
+        refs.add(run.segment, 1);
         self.spans.extend(spans.iter().copied());
         debug_assert_eq!(self.spans.len() as u64, self.range.len);
     }
 
     pub(crate) fn truncate_from(&mut self, index: u64) {
+        self.truncate_counted(index, &mut RefDelta::default());
+    }
+
+    /// [`Self::truncate_from`], noting in `refs` the runs it drops.
+    pub(crate) fn truncate_counted(&mut self, index: u64, refs: &mut RefDelta) {
         self.range.truncate_from(index);
         self.spans.truncate(self.range.len as usize);
         while self.runs.back().is_some_and(|r| r.first >= index) {
-            self.runs.pop_back();
+            if let Some(r) = self.runs.pop_back() {
+                refs.add(r.segment, -1);
+            }
         }
         if self.range.is_empty() {
-            self.runs.clear();
+            for r in self.runs.drain(..) {
+                refs.add(r.segment, -1);
+            }
         }
     }
 
     pub(crate) fn purge_to(&mut self, index: u64) {
+        self.purge_counted(index, &mut RefDelta::default());
+    }
+
+    /// [`Self::purge_to`], noting in `refs` the runs it drops.
+    pub(crate) fn purge_counted(&mut self, index: u64, refs: &mut RefDelta) {
         let before = self.range;
         self.range.purge_to(index);
         if self.range == before {
@@ -166,17 +191,29 @@ impl EntryIndex {
         let drop = (self.range.first - before.first).min(self.spans.len() as u64) as usize;
         self.spans.drain(..drop);
         if self.range.is_empty() {
-            self.runs.clear();
+            for r in self.runs.drain(..) {
+                refs.add(r.segment, -1);
+            }
             self.spans.clear();
             return;
         }
         while self.runs.len() > 1 && self.runs[1].first <= self.range.first {
-            self.runs.pop_front();
+            if let Some(r) = self.runs.pop_front() {
+                refs.add(r.segment, -1);
+            }
         }
     }
 
     pub(crate) fn clear(&mut self) {
         *self = EntryIndex::default();
+    }
+
+    /// [`Self::clear`], noting in `refs` the runs it drops.
+    pub(crate) fn clear_counted(&mut self, refs: &mut RefDelta) {
+        for r in self.runs.drain(..) {
+            refs.add(r.segment, -1);
+        }
+        self.clear();
     }
 
     pub(crate) fn locate(&self, index: u64) -> Option<EntryLoc> {
@@ -231,6 +268,73 @@ impl EntryIndex {
     }
 }
 
+/// Changes to the number of index runs per segment, gathered while a write group is applied and
+/// folded into [`SegmentRefs`] once.
+#[derive(Debug, Default)]
+pub(crate) struct RefDelta(Vec<(u32, i64)>);
+
+impl RefDelta {
+    pub(crate) fn add(&mut self, segment: u32, delta: i64) {
+        match self.0.iter_mut().find(|(s, _)| *s == segment) {
+            Some((_, d)) => *d += delta,
+            None => self.0.push((segment, delta)),
+        }
+    }
+}
+
+/// How many index runs (of all groups) point into each segment, kept up to date as batches are
+/// applied, purged and truncated, so that finding dead segments is O(segments).
+///
+/// Invariant: for every segment, the count equals the number of runs in all groups' indexes
+/// naming it (checked against a full scan in tests). A sealed segment whose count is zero is
+/// dead for good: runs are only ever added for the active segment.
+#[derive(Debug, Default)]
+pub(crate) struct SegmentRefs {
+    counts: parking_lot::Mutex<BTreeMap<u32, u64>>,
+}
+
+impl SegmentRefs {
+    pub(crate) fn apply(&self, delta: &RefDelta) {
+        if delta.0.is_empty() {
+            return;
+        }
+        let mut counts = self.counts.lock();
+        for &(seg, d) in &delta.0 {
+            let c = counts.entry(seg).or_insert(0);
+            *c = c.saturating_add_signed(d);
+            if *c == 0 {
+                counts.remove(&seg);
+            }
+        }
+    }
+
+    /// Rebuilds the counts from every group's index (at open).
+    pub(crate) fn rebuild(&self, groups: &Groups) {
+        let mut counts = BTreeMap::new();
+        for shard in groups.shards() {
+            for g in shard.read().values() {
+                for seg in g.entries.segments() {
+                    *counts.entry(seg).or_insert(0u64) += 1;
+                }
+            }
+        }
+        *self.counts.lock() = counts;
+    }
+
+    /// The segments some run points into.
+    pub(crate) fn referenced(&self) -> BTreeSet<u64> {
+        self.counts.lock().keys().map(|&s| u64::from(s)).collect()
+    }
+
+    /// Runs pointing into `segment`.
+    pub(crate) fn count(&self, segment: u64) -> u64 {
+        u32::try_from(segment)
+            .ok()
+            .and_then(|s| self.counts.lock().get(&s).copied())
+            .unwrap_or(0)
+    }
+}
+
 /// Everything the engine knows about one group.
 #[derive(Debug, Default)]
 pub(crate) struct Group {
@@ -238,6 +342,13 @@ pub(crate) struct Group {
     pub(crate) vote: Option<Box<[u8]>>,
     pub(crate) committed: Option<Box<[u8]>>,
     pub(crate) kv: BTreeMap<Box<[u8]>, Box<[u8]>>,
+    /// The segment that received the last write to this group (0: none since open).
+    pub(crate) last_segment: u32,
+    /// Bumped by every write applied to this group (a GC rewrite checks it did not change).
+    pub(crate) version: u64,
+    /// This group's metadata as it was at the start of segment `.0`, saved by the first write
+    /// into that segment while a checkpoint at that boundary is being collected (see `gc`).
+    pub(crate) at_boundary: Option<(u32, Box<crate::checkpoint::GroupMeta>)>,
 }
 
 const SHARDS: usize = 64;
@@ -258,9 +369,17 @@ impl Default for Groups {
 
 impl Groups {
     pub(crate) fn shard(&self, group: u64) -> &RwLock<HashMap<u64, Group>> {
+        self.shard_at(Self::shard_index(group))
+    }
+
+    /// Which shard holds `group`.
+    pub(crate) fn shard_index(group: u64) -> usize {
         // Fibonacci hashing spreads sequential ids over the shards.
-        let h = group.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58;
-        &self.shards[h as usize % SHARDS]
+        (group.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % SHARDS
+    }
+
+    pub(crate) fn shard_at(&self, index: usize) -> &RwLock<HashMap<u64, Group>> {
+        &self.shards[index % SHARDS]
     }
 
     pub(crate) fn shards(&self) -> &[RwLock<HashMap<u64, Group>>] {

@@ -13,8 +13,10 @@ mod durable;
 mod engine;
 mod error;
 pub mod fs;
+mod gc;
 mod index;
 mod options;
+mod pipeline;
 #[cfg(feature = "openraft")]
 pub mod raft;
 mod recovery;
@@ -22,8 +24,9 @@ mod segment;
 
 pub use batch::WriteBatch;
 pub use durable::DurableWrite;
-pub use engine::{Engine, GcReport, Stats};
+pub use engine::{Engine, Stats};
 pub use error::{Error, Result};
+pub use gc::GcReport;
 pub use options::{Options, RecoveryMode};
 pub use recovery::{RecoveryReport, SkippedRange};
 

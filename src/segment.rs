@@ -6,6 +6,7 @@
 //! every `.wal` file recovery sees has a valid header unless the media corrupted it.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -91,7 +92,8 @@ pub fn create_segment(
         .map_err(|e| Error::io(ctx("writing header of"), e))?;
     if size > SEGMENT_HEADER_LEN {
         if prefill {
-            write_zeros(file.as_ref(), size).map_err(|e| Error::io(ctx("prefilling"), e))?;
+            write_zeros(file.as_ref(), size, &AtomicBool::new(false))
+                .map_err(|e| Error::io(ctx("prefilling"), e))?;
         } else {
             file.allocate(size)
                 .map_err(|e| Error::io(ctx("preallocating"), e))?;
@@ -106,26 +108,36 @@ pub fn create_segment(
     Ok(file)
 }
 
-/// Writes zeros over a segment from the end of its header to `size`.
-fn write_zeros(file: &dyn FsFile, size: u64) -> std::io::Result<()> {
+/// Writes zeros over a segment from the end of its header to `size`, in 1 MiB chunks, stopping
+/// early once `cancel` is set. Returns whether it reached `size`.
+fn write_zeros(file: &dyn FsFile, size: u64, cancel: &AtomicBool) -> std::io::Result<bool> {
     const CHUNK: usize = 1 << 20;
     let zeros = vec![0u8; CHUNK];
     let mut off = SEGMENT_HEADER_LEN;
     while off < size {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
         let n = (size - off).min(CHUNK as u64) as usize;
         file.write_all_at(&zeros[..n], off)?;
         off += n as u64;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Zero-fills an existing, still empty segment (whose space was only reserved) so that
 /// fdatasync into it skips the file system's metadata journal, and syncs it. Its content does
-/// not change: reserved space reads as zeros already.
-pub fn prefill_segment(file: &dyn FsFile, id: u64, size: u64) -> Result<()> {
-    write_zeros(file, size).map_err(|e| Error::io(format!("prefilling segment {id}"), e))?;
-    file.sync_data()
-        .map_err(|e| Error::io(format!("syncing prefilled segment {id}"), e))
+/// not change: reserved space reads as zeros already. Stops between chunks once `cancel` is set
+/// (a rotation takes the segment as it is; the zeros written so far are synced with its data).
+/// Returns whether the whole segment was zero-filled.
+pub fn prefill_segment(file: &dyn FsFile, id: u64, size: u64, cancel: &AtomicBool) -> Result<bool> {
+    let done = write_zeros(file, size, cancel)
+        .map_err(|e| Error::io(format!("prefilling segment {id}"), e))?;
+    if done {
+        file.sync_data()
+            .map_err(|e| Error::io(format!("syncing prefilled segment {id}"), e))?;
+    }
+    Ok(done)
 }
 
 #[cfg(test)]

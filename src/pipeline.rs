@@ -1,0 +1,739 @@
+//! The write stage of group commit: writers queue their encoded records; one leader takes the
+//! whole queue, validates it, gives every record its position, appends them all to the log with
+//! one copy into the tail buffer (and at most one positioned write), applies the group to the
+//! index and registers its members with the sync stage (`commit`). Also: rotation, segment
+//! preparation, and the tail buffer that lets unsynced writes skip the system call.
+//!
+//! Invariants:
+//! - One leader at a time writes (`Queue::leader`), under the log lock: records get positions and
+//!   sequence numbers in the order they are applied to the index, and validation sees every
+//!   earlier record, including earlier members of the same group.
+//! - Leadership passes from writer to writer through `Queue` and [`Signal`]s: followers park and
+//!   are woken once, when written (unsynced and asynchronous writes), when durable (synced
+//!   writes), or to lead. Nothing spins or yields.
+//! - A record is applied to the index only after its bytes are in the tail buffer or the file;
+//!   a reader finds them in one or the other (`flushed` says which, and moves only after the
+//!   bytes reached the file).
+//! - The tail buffer is written out before every fsync, rotation and shutdown, so an fsync covers
+//!   every write group registered before it started; a write group is acknowledged durable only
+//!   through `commit`, after that fsync returned.
+//! - A segment receives records only once the previous one was written out and fsynced.
+//! - Rotation waits for nothing it could have had ready: the next segment is created in the
+//!   background one rotation ahead, and a zero-fill still running is cancelled, not awaited.
+//! - Nothing here is proportional to the number of groups or entries: a write group costs its
+//!   members' ops, one lock per touched index shard, and O(segments) at rotation.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::batch::{Item, WriteBatch};
+use crate::codec::{record_crc, seal_record, set_crc, RECORD_HEADER_LEN};
+use crate::commit::{Callback, Signal, Syncer, Waiter};
+use crate::engine::Inner;
+use crate::error::{Error, Result};
+use crate::fs::FsFile;
+use crate::index::{Group, Groups, Range, RefDelta, Run};
+use crate::options::MAX_RECORD_BYTES;
+use crate::segment::{create_segment, prefill_segment, segment_name, SEGMENT_HEADER_LEN};
+
+/// The tail buffer is written out once it holds this much (or at the next fsync or rotation).
+const FLUSH_AT: usize = 64 << 10;
+
+/// fsyncs a segment must see before the engine zero-fills segments ahead: a bulk load that
+/// syncs once at its end is not a synced workload.
+const PREFILL_AFTER_SYNCS: u32 = 16;
+
+/// How a writer wants its batch acknowledged.
+pub(crate) enum Durability {
+    /// Return once durable.
+    Sync,
+    /// Return once written (readable); durable with a later sync.
+    Unsynced,
+    /// Return once written; call back once durable.
+    Async(Callback),
+}
+
+/// A writer's batch, queued for the write leader.
+pub(crate) struct Request {
+    batch: WriteBatch,
+    record: Vec<u8>,
+    /// The CRC of `record` for the segment that was active when it was framed.
+    crc: (u64, u32),
+    sync: bool,
+    is_async: bool,
+    callback: parking_lot::Mutex<Option<Callback>>,
+    signal: Arc<Signal>,
+}
+
+/// Writers waiting for the write leader.
+#[derive(Default)]
+pub(crate) struct Queue {
+    pending: Vec<Arc<Request>>,
+    leader: bool,
+}
+
+/// Bytes appended to the active segment but not yet written to its file.
+#[derive(Default)]
+pub(crate) struct Tail {
+    /// The segment they belong to.
+    pub(crate) segment: u64,
+    /// The file offset of `bytes[0]`.
+    pub(crate) base: u64,
+    pub(crate) bytes: Vec<u8>,
+}
+
+/// Packs a (segment, offset) into the `flushed` word: everything of segments below `segment`,
+/// and of `segment` below `offset`, is in the files.
+pub(crate) fn pack_flushed(segment: u64, offset: u64) -> u64 {
+    (segment << 32) | (offset & 0xFFFF_FFFF)
+}
+
+/// The next segment, being created (and possibly zero-filled) in the background.
+pub(crate) struct Preparing {
+    id: u64,
+    handle: JoinHandle<Result<(Arc<dyn FsFile>, bool)>>,
+    /// Whether it will be zero-filled.
+    prefill: bool,
+    /// Stops a zero-fill between chunks (a rotation does not wait for it).
+    cancel: Arc<AtomicBool>,
+}
+
+/// The active segment and the write position. Guarded by the log lock.
+pub(crate) struct LogWriter {
+    pub(crate) segment: u64,
+    pub(crate) file: Arc<dyn FsFile>,
+    /// End of the last record (in the file or the tail buffer).
+    pub(crate) offset: u64,
+    /// Sequence number of the last write group.
+    pub(crate) written: u64,
+    /// Sequence number of the last write group whose bytes are all in the file.
+    pub(crate) flushed_seq: u64,
+    pub(crate) next: Option<Preparing>,
+    /// Whether the active segment was zero-filled ahead (fdatasync into it is cheaper).
+    pub(crate) prefilled: bool,
+    /// fsyncs for durable writes into the active segment (a synced workload makes many).
+    pub(crate) syncs_in_segment: u32,
+}
+
+/// Duplicates an error for each member of a failed write group.
+fn share(e: &Error) -> Error {
+    match e {
+        Error::Io { context, source } => Error::Io {
+            context: context.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        Error::NoSpace { context } => Error::NoSpace {
+            context: context.clone(),
+        },
+        Error::Poisoned { reason } => Error::Poisoned {
+            reason: reason.clone(),
+        },
+        Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
+        other => Error::Poisoned {
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Validates one batch against the index and the ranges earlier members of its write group
+/// leave (`overlay`); on success `overlay` includes this batch's effects.
+fn validate(groups: &Groups, batch: &WriteBatch, overlay: &mut Vec<(u64, Range)>) -> Result<()> {
+    if let Some(e) = &batch.invalid {
+        return Err(Error::InvalidArgument(e.clone()));
+    }
+    let mut mine: Vec<(u64, Range)> = Vec::new();
+    for &(group, version) in &batch.expect_version {
+        let now = groups.read(group, |g| g.version);
+        if now != Some(version) {
+            return Err(Error::InvalidArgument(format!(
+                "group {group} changed while being rewritten"
+            )));
+        }
+    }
+    for item in &batch.items {
+        let group = item.group();
+        let at = match mine.iter().position(|(g, _)| *g == group) {
+            Some(i) => i,
+            None => {
+                let range = overlay
+                    .iter()
+                    .rev()
+                    .find(|(g, _)| *g == group)
+                    .map(|(_, r)| *r)
+                    .or_else(|| groups.read(group, |g| g.entries.range()))
+                    .unwrap_or_default();
+                mine.push((group, range));
+                mine.len() - 1
+            }
+        };
+        let Some((_, range)) = mine.get_mut(at) else {
+            continue;
+        };
+        match item {
+            Item::Append { first, count, .. } => {
+                range
+                    .check_append(*first, *count as u64)
+                    .map_err(|e| Error::InvalidArgument(format!("group {group}: {e}")))?;
+                range.append(*first, *count as u64);
+            }
+            Item::Truncate { index, .. } => range.truncate_from(*index),
+            Item::Purge { index, .. } => range.purge_to(*index),
+            Item::RemoveGroup { .. } => *range = Range::default(),
+            _ => {}
+        }
+    }
+    overlay.extend(mine);
+    Ok(())
+}
+
+/// Notes a write to `g` in `segment`; saves its metadata first if a checkpoint at `armed` is
+/// being collected and this is the group's first write since that boundary (see `gc`).
+fn touch(g: &mut Group, segment: u32, armed: u32) {
+    if armed != 0 && g.last_segment < armed && segment >= armed {
+        g.at_boundary = Some((armed, Box::new(crate::gc::meta_of(g))));
+    }
+    g.last_segment = segment;
+    g.version += 1;
+}
+
+/// Applies one item of a written batch to its group's shard map.
+fn apply_item(
+    shard: &mut std::collections::HashMap<u64, Group>,
+    batch: &WriteBatch,
+    item: &Item,
+    run: Run,
+    armed: u32,
+    refs: &mut RefDelta,
+) {
+    let group = item.group();
+    if let Item::RemoveGroup { .. } = item {
+        if let Some(mut g) = shard.remove(&group) {
+            g.entries.clear_counted(refs);
+        }
+        return;
+    }
+    let g = shard.entry(group).or_insert_with(|| Group {
+        last_segment: run.segment,
+        ..Group::default()
+    });
+    touch(g, run.segment, armed);
+    match item {
+        Item::Append {
+            first,
+            lens_at,
+            count,
+            payload_at,
+            ..
+        } => {
+            let spans = batch.spans(*lens_at, *count, *payload_at);
+            g.entries.append_counted(*first, run, &spans, refs);
+        }
+        Item::Truncate { index, .. } => g.entries.truncate_counted(*index, refs),
+        Item::Purge { index, .. } => g.entries.purge_counted(*index, refs),
+        Item::Put { key, value, .. } => {
+            g.kv.insert(key.clone(), value.clone());
+        }
+        Item::Delete { key, .. } => {
+            g.kv.remove(key);
+        }
+        Item::Vote { value, .. } => g.vote = Some(value.clone()),
+        Item::Committed { value, .. } => g.committed = Some(value.clone()),
+        Item::RemoveGroup { .. } => {}
+    }
+}
+
+impl Syncer for Inner {
+    fn sync_active(&self) -> Result<(u64, Option<Error>)> {
+        let (file, target, short) = {
+            let mut log = self.log.lock();
+            // A full disk leaves buffered bytes unwritten: sync what the file holds, and let
+            // the waiters beyond it know.
+            let short = match self.flush_tail(&mut log, None) {
+                Ok(()) => None,
+                Err(e @ Error::NoSpace { .. }) => Some(e),
+                Err(e) => return Err(e),
+            };
+            self.note_sync(&mut log);
+            (log.file.clone(), log.flushed_seq, short)
+        };
+        self.commit
+            .guarded_sync("fdatasync of the active segment", || file.sync_data())?;
+        Ok((target, short))
+    }
+}
+
+impl Inner {
+    /// Writes `batch` with the given durability; returns when the batch is written (and, for
+    /// [`Durability::Sync`], durable).
+    pub(crate) fn submit(&self, batch: WriteBatch, durability: Durability) -> Result<()> {
+        if let Some(e) = &batch.invalid {
+            return Err(Error::InvalidArgument(e.clone()));
+        }
+        if batch.is_empty() {
+            return self.submit_empty(durability);
+        }
+        if batch.body.raw_len() as u64 + RECORD_HEADER_LEN as u64 > MAX_RECORD_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "batch of {} bytes exceeds the largest record ({MAX_RECORD_BYTES} bytes)",
+                batch.body.raw_len()
+            )));
+        }
+        self.commit.check_poison()?;
+        let record = batch.body.encode(self.opts.compression_threshold);
+        // The CRC covers the segment id: computed here, outside every lock, for the segment that
+        // is active now; in the rare case a rotation comes first, the leader computes it again.
+        let guess = self.active_segment.load(Ordering::Relaxed);
+        let crc = record_crc(guess, &record);
+        let (sync, callback) = match durability {
+            Durability::Sync => (true, None),
+            Durability::Unsynced => (false, None),
+            Durability::Async(cb) => (false, Some(cb)),
+        };
+        let req = Arc::new(Request {
+            batch,
+            record,
+            crc: (guess, crc),
+            sync,
+            is_async: callback.is_some(),
+            callback: parking_lot::Mutex::new(callback),
+            signal: Arc::new(Signal::default()),
+        });
+        let lead = {
+            let mut q = self.queue.lock();
+            q.pending.push(req.clone());
+            !std::mem::replace(&mut q.leader, true)
+        };
+        if lead {
+            return self.lead(&req);
+        }
+        // A follower: parked until written, durable, or asked to lead.
+        enum Event {
+            Lead,
+            Written(Result<u64>),
+            Durability,
+        }
+        let event = req.signal.wait_for(|st| {
+            if std::mem::take(&mut st.lead_write) {
+                return Some(Event::Lead);
+            }
+            if let Some(w) = st.written.take() {
+                return Some(Event::Written(w));
+            }
+            (st.durable.is_some() || st.lead_sync).then_some(Event::Durability)
+        });
+        match event {
+            Event::Lead => self.lead(&req),
+            Event::Written(w) => w.map(|_| ()),
+            Event::Durability => self.commit.wait_durable(&req.signal, self),
+        }
+    }
+
+    /// An empty batch writes nothing; it is acknowledged like a write of the same durability
+    /// made now (a synced one waits for everything written before it).
+    fn submit_empty(&self, durability: Durability) -> Result<()> {
+        match durability {
+            Durability::Unsynced => Ok(()),
+            Durability::Sync => self.sync_all(),
+            Durability::Async(cb) => {
+                let log = self.log.lock();
+                self.commit.register(log.written, Waiter::Callback(cb));
+                drop(log);
+                self.commit.kick(false);
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes everything written so far durable.
+    pub(crate) fn sync_all(&self) -> Result<()> {
+        self.commit.check_poison()?;
+        let signal = Arc::new(Signal::default());
+        {
+            let log = self.log.lock();
+            self.commit
+                .register(log.written, Waiter::Signal(signal.clone()));
+        }
+        self.commit.wait_durable(&signal, self)
+    }
+
+    /// Leads the write stage: writes the queue as one group, hands leadership to the first
+    /// writer that queued meanwhile (or gives it up), then completes `own` (the leader's own
+    /// request: a synced one waits for durability, leading the sync stage if nobody does).
+    fn lead(&self, own: &Arc<Request>) -> Result<()> {
+        let members = std::mem::take(&mut self.queue.lock().pending);
+        let outcome = self.write_group(&members);
+        let mut own_result: Result<Option<u64>> = Ok(None);
+        let mut others_wait = false;
+        for (m, result) in members.iter().zip(outcome) {
+            if Arc::ptr_eq(m, own) {
+                own_result = result.map(Some);
+                continue;
+            }
+            match result {
+                Ok(_) if m.sync => others_wait = true,
+                Ok(seq) => {
+                    others_wait |= m.is_async;
+                    m.signal.update(|s| s.written = Some(Ok(seq)));
+                }
+                Err(e) => m.signal.update(|s| s.written = Some(Err(e))),
+            }
+        }
+        {
+            let mut q = self.queue.lock();
+            match q.pending.first() {
+                Some(next) => next.signal.update(|s| s.lead_write = true),
+                None => q.leader = false,
+            }
+        }
+        let own_waits_sync = own.sync && matches!(own_result, Ok(Some(_)));
+        if own_waits_sync {
+            // This thread leads the sync stage if nobody does: it covers the others too.
+            return self.commit.wait_durable(&own.signal, self);
+        }
+        if others_wait || own.is_async {
+            // Parked synced writers and callbacks: the flusher leads the sync stage for them.
+            self.commit.kick(false);
+        }
+        own_result.map(|_| ())
+    }
+
+    /// Writes a group of requests; returns each one's sequence number or error.
+    fn write_group(&self, members: &[Arc<Request>]) -> Vec<Result<u64>> {
+        let mut log = self.log.lock();
+        if let Err(e) = self.commit.check_poison() {
+            return members.iter().map(|_| Err(share(&e))).collect();
+        }
+        // Validate in order; refused members take no position.
+        let mut overlay: Vec<(u64, Range)> = Vec::new();
+        let mut results: Vec<Result<u64>> = members
+            .iter()
+            .map(|m| validate(&self.groups, &m.batch, &mut overlay).map(|()| 0))
+            .collect();
+        let mut placed: Vec<(usize, u64, u64)> = Vec::with_capacity(members.len());
+        // Where this group starts in the tail buffer (earlier unsynced bytes may precede it).
+        let mut group_start = self.tail.read().bytes.len();
+        // Whether members were placed in a segment that a rotation then sealed.
+        let mut split = false;
+        let mut applied = 0;
+        let mut failure: Option<Error> = None;
+        for (i, m) in members.iter().enumerate() {
+            if results.get(i).is_none_or(|r| r.is_err()) {
+                continue;
+            }
+            let len = m.record.len() as u64;
+            let full = log.offset > SEGMENT_HEADER_LEN && log.offset + len > self.opts.segment_size;
+            let upgrade = !log.prefilled
+                && log
+                    .next
+                    .as_ref()
+                    .is_some_and(|n| n.prefill && n.handle.is_finished());
+            if full || upgrade {
+                // The members placed so far go to the index first, so that the run counts the
+                // rotation reads for GC include them.
+                self.apply_placed(members, placed.get(applied..).unwrap_or(&[]));
+                applied = placed.len();
+                split |= !placed.is_empty();
+                if let Err(e) = self.rotate(&mut log) {
+                    failure = Some(e);
+                    break;
+                }
+                group_start = 0;
+            }
+            let mut tail = self.tail.write();
+            let at = tail.bytes.len();
+            tail.bytes.extend_from_slice(&m.record);
+            if let Some(rec) = tail.bytes.get_mut(at..) {
+                match m.crc {
+                    (segment, crc) if segment == log.segment => set_crc(rec, crc),
+                    _ => seal_record(rec, log.segment),
+                }
+            }
+            drop(tail);
+            placed.push((i, log.segment, log.offset));
+            log.offset += len;
+        }
+        // Writes that want durability go to the file now (so a full disk refuses them, before
+        // anything is acknowledged or applied); unsynced ones wait in the buffer until it fills.
+        let wants_durability = placed
+            .iter()
+            .filter_map(|&(i, _, _)| members.get(i))
+            .any(|m| m.sync || m.is_async);
+        if failure.is_none() && (wants_durability || self.tail.read().bytes.len() >= FLUSH_AT) {
+            if let Err(e) = self.flush_tail(&mut log, Some(group_start)) {
+                failure = Some(e);
+            }
+        }
+        if let Some(e) = failure {
+            // Nothing of this group reached the index unless a rotation happened (and then the
+            // engine is poisoned below). A full disk refuses it cleanly only if
+            // none of its bytes can become durable: it placed nothing before a failed rotation,
+            // and a failed flush dropped its bytes. Otherwise poison: nothing more is
+            // acknowledged at all.
+            let clean = matches!(e, Error::NoSpace { .. }) && !split;
+            if !clean && self.commit.poisoned().is_none() {
+                self.commit.poison(e.to_string());
+            }
+            return members.iter().map(|_| Err(share(&e))).collect();
+        }
+        self.apply_placed(members, placed.get(applied..).unwrap_or(&[]));
+        log.written += 1;
+        let seq = log.written;
+        if self.tail.read().bytes.is_empty() {
+            log.flushed_seq = seq;
+        }
+        // Register durability waiters in sequence order, still under the log lock.
+        for &(i, _, _) in &placed {
+            let Some(m) = members.get(i) else { continue };
+            if m.sync {
+                self.commit.register(seq, Waiter::Signal(m.signal.clone()));
+            } else if let Some(cb) = m.callback.lock().take() {
+                self.commit.register(seq, Waiter::Callback(cb));
+            }
+            if let Some(r) = results.get_mut(i) {
+                *r = Ok(seq);
+            }
+        }
+        results
+    }
+
+    /// Applies placed members `(member, segment, offset)` to the index: one lock per touched
+    /// shard, and one update of the segment run counts. Called with the log lock.
+    fn apply_placed(&self, members: &[Arc<Request>], placed: &[(usize, u64, u64)]) {
+        if placed.is_empty() {
+            return;
+        }
+        let armed = self.gc.armed();
+        let mut work: Vec<(usize, usize, usize)> = Vec::new();
+        for (p, &(i, _, _)) in placed.iter().enumerate() {
+            if let Some(m) = members.get(i) {
+                for (k, item) in m.batch.items.iter().enumerate() {
+                    work.push((Groups::shard_index(item.group()), p, k));
+                }
+            }
+        }
+        work.sort_by_key(|w| w.0);
+        let mut refs = RefDelta::default();
+        let mut at = 0;
+        while let Some(&(shard_ix, _, _)) = work.get(at) {
+            let mut shard = self.groups.shard_at(shard_ix).write();
+            while let Some(&(s, p, k)) = work.get(at) {
+                if s != shard_ix {
+                    break;
+                }
+                at += 1;
+                let Some(&(i, segment, offset)) = placed.get(p) else {
+                    continue;
+                };
+                let Some(m) = members.get(i) else { continue };
+                let Some(item) = m.batch.items.get(k) else {
+                    continue;
+                };
+                let run = Run {
+                    first: 0,
+                    segment: segment as u32,
+                    rec_off: offset as u32,
+                    rec_len: m.record.len() as u32,
+                };
+                apply_item(&mut shard, &m.batch, item, run, armed, &mut refs);
+            }
+        }
+        self.refs.apply(&refs);
+    }
+
+    /// Writes the tail buffer to the active segment's file. Called with the log lock.
+    ///
+    /// On a full disk it returns [`Error::NoSpace`] without poisoning: the bytes stay buffered
+    /// (readable) for a later flush, except, with `keep = Some(n)`, those from `n` on (the write
+    /// group being written, not yet applied), which are dropped so the group can be refused.
+    /// Any other failure poisons.
+    pub(crate) fn flush_tail(&self, log: &mut LogWriter, keep: Option<usize>) -> Result<()> {
+        let tail = self.tail.read();
+        if tail.bytes.is_empty() {
+            return Ok(());
+        }
+        let (base, len) = (tail.base, tail.bytes.len() as u64);
+        let written = log.file.write_all_at(&tail.bytes, base);
+        drop(tail);
+        if let Err(e) = written {
+            let err = Error::io(format!("writing to segment {}", log.segment), e);
+            // A full disk: cut whatever prefix reached the file so that no partial record stays
+            // behind the next one, and keep the earlier bytes buffered (readable, written by a
+            // later flush). If even the cut fails, the segment's tail is unknown: poison.
+            if matches!(err, Error::NoSpace { .. }) && log.file.set_len(base).is_ok() {
+                if let Some(n) = keep {
+                    let mut tail = self.tail.write();
+                    tail.bytes.truncate(n);
+                    log.offset = base + n as u64;
+                }
+                return Err(err);
+            }
+            self.commit.poison(err.to_string());
+            return Err(err);
+        }
+        let mut tail = self.tail.write();
+        tail.base = base + len;
+        tail.bytes.clear();
+        if tail.bytes.capacity() > 4 * FLUSH_AT {
+            tail.bytes.shrink_to(FLUSH_AT);
+        }
+        self.flushed
+            .store(pack_flushed(log.segment, base + len), Ordering::Release);
+        log.flushed_seq = log.written;
+        Ok(())
+    }
+
+    /// Starts preparing segment `id` in the background, zero-filled or only reserved.
+    pub(crate) fn prepare(&self, id: u64, prefill: bool) -> Preparing {
+        let fs = self.fs.clone();
+        let dir = self.dir.clone();
+        let size = self.opts.segment_size;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let stop = cancel.clone();
+        let handle = std::thread::spawn(move || {
+            let file = create_segment(fs.as_ref(), &dir, id, size, false)?;
+            if prefill {
+                let done = prefill_segment(file.as_ref(), id, size, &stop)?;
+                return Ok((file, done));
+            }
+            Ok((file, false))
+        });
+        Preparing {
+            id,
+            handle,
+            prefill,
+            cancel,
+        }
+    }
+
+    /// A segment that was already prepared (an empty segment found at open).
+    pub(crate) fn prepared(&self, id: u64, file: Arc<dyn FsFile>) -> Preparing {
+        Preparing {
+            id,
+            handle: std::thread::spawn(move || Ok((file, false))),
+            prefill: false,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Called by a sync leader with the log lock: the active segment serves durable writes.
+    /// Zero-filling pays off only for them (cheaper fdatasync), so it is decided here: if the
+    /// segment being prepared is not zero-filled, it is zero-filled once ready, and the writer
+    /// moves to it as soon as that is done (see `write_group`).
+    fn note_sync(&self, log: &mut LogWriter) {
+        log.syncs_in_segment = log.syncs_in_segment.saturating_add(1);
+        if !self.opts.prefill_segments
+            || log.prefilled
+            || log.next.as_ref().is_some_and(|n| n.prefill)
+            || log.syncs_in_segment < PREFILL_AFTER_SYNCS
+        {
+            return;
+        }
+        let Some(pending) = log.next.take() else {
+            return;
+        };
+        let id = pending.id;
+        let size = self.opts.segment_size;
+        let cancel = pending.cancel.clone();
+        let stop = cancel.clone();
+        let handle = std::thread::spawn(move || {
+            let (file, prefilled) = pending.handle.join().map_err(|_| {
+                Error::io(
+                    "preparing a segment",
+                    std::io::Error::other("preparation thread panicked"),
+                )
+            })??;
+            if prefilled {
+                return Ok((file, true));
+            }
+            let done = prefill_segment(file.as_ref(), id, size, &stop)?;
+            Ok((file, done))
+        });
+        log.next = Some(Preparing {
+            id,
+            handle,
+            prefill: true,
+            cancel,
+        });
+    }
+
+    /// Takes the prepared next segment, cancelling a zero-fill still running (the segment is
+    /// usable as reserved space), or creates it inline if its preparation failed.
+    fn take_next(&self, log: &mut LogWriter, next_id: u64) -> Result<(Arc<dyn FsFile>, bool)> {
+        if let Some(p) = log.next.take() {
+            if p.id == next_id {
+                p.cancel.store(true, Ordering::Relaxed);
+                match p.handle.join() {
+                    Ok(Ok(prepared)) => return Ok(prepared),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "preparing the next segment failed"),
+                    Err(_) => tracing::warn!("the segment preparation thread panicked"),
+                }
+            }
+        }
+        // Prepare failed (or was never started): try once more inline. A leftover file of that
+        // id is garbage from the failed attempt.
+        let _ = self.fs.remove(&self.dir.join(segment_name(next_id)));
+        let file = create_segment(
+            self.fs.as_ref(),
+            &self.dir,
+            next_id,
+            self.opts.segment_size,
+            false,
+        )?;
+        Ok((file, false))
+    }
+
+    /// Seals the active segment (tail written out, trimmed, fsynced) and switches to the next
+    /// one. Called with the log lock.
+    /// Returns the GC job it armed, if any.
+    pub(crate) fn rotate(&self, log: &mut LogWriter) -> Result<Option<u64>> {
+        self.flush_tail(log, None)?;
+        let next_id = log.segment + 1;
+        if next_id > u64::from(u32::MAX) {
+            return Err(self.fail(Error::InvalidArgument("segment ids exhausted".into())));
+        }
+        let (file, prefilled) = self.take_next(log, next_id)?;
+        // A sealed segment ends with its last record: recovery reads no zero tail, and the space
+        // reserved beyond the data goes back to the file system.
+        if log.file.len().map_or(true, |l| l > log.offset) {
+            if let Err(e) = log.file.set_len(log.offset) {
+                return Err(self.fail(Error::io(format!("trimming segment {}", log.segment), e)));
+            }
+        }
+        let what = format!("fdatasync of segment {} before rotation", log.segment);
+        self.commit.guarded_sync(&what, || log.file.sync_data())?;
+        self.commit.mark_synced(log.written);
+        self.segments.write().insert(next_id, file.clone());
+        log.segment = next_id;
+        self.active_segment.store(next_id, Ordering::Relaxed);
+        log.file = file;
+        log.offset = SEGMENT_HEADER_LEN;
+        {
+            let mut tail = self.tail.write();
+            tail.segment = next_id;
+            tail.base = SEGMENT_HEADER_LEN;
+            tail.bytes.clear();
+        }
+        self.flushed
+            .store(pack_flushed(next_id, SEGMENT_HEADER_LEN), Ordering::Release);
+        // Zero-fill the next segment only if this one served durable writes: a bulk, unsynced
+        // load gains nothing from it and would write every byte twice.
+        let prefill_next =
+            self.opts.prefill_segments && log.syncs_in_segment >= PREFILL_AFTER_SYNCS;
+        log.prefilled = prefilled;
+        log.syncs_in_segment = 0;
+        log.next = Some(self.prepare(next_id + 1, prefill_next));
+        Ok(if self.opts.auto_gc {
+            self.arm_gc(next_id)
+        } else {
+            None
+        })
+    }
+
+    /// Cancels and joins the segment preparation (shutdown); returns the prepared file, if any.
+    pub(crate) fn stop_preparing(&self, log: &mut LogWriter) -> Option<Arc<dyn FsFile>> {
+        let p = log.next.take()?;
+        p.cancel.store(true, Ordering::Relaxed);
+        p.handle.join().ok().and_then(|r| r.ok()).map(|(f, _)| f)
+    }
+}
