@@ -4,6 +4,7 @@
 //! - `crash_explorer`: crash at every I/O point of a scripted workload on the simulated FS.
 //! - `corruption`: truncation, bit flips, deleted, stray and stale files on real segment files.
 //! - `faults`: EIO and ENOSPC injected at every call site.
+//! - `pipeline`: write groups on a gated file system: no acknowledgement before its fsync.
 //! - `kill`: SIGKILL a child writer at random points, then check every acknowledged batch.
 //! - `prop_recovery`: seeded proptest of the fuzz inputs: hostile images never panic or lie.
 //! - `raft_suite`: openraft's log-store suite, fresh engine per sub-test and 64 suites on one engine.
@@ -15,6 +16,7 @@ mod crash_explorer;
 mod engine;
 mod faults;
 mod kill;
+mod pipeline;
 mod prop_recovery;
 #[cfg(feature = "openraft")]
 mod raft_cluster;
