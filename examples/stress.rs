@@ -54,6 +54,9 @@ struct Args {
     /// Number of Raft groups.
     #[arg(long, default_value_t = 1000)]
     groups: u64,
+    /// Writer threads of the W1 scaling sweep (W1S).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,256")]
+    threads: Vec<usize>,
     /// Random single-entry gets of W5 (per reopen).
     #[arg(long, default_value_t = 200_000)]
     gets: usize,
@@ -162,6 +165,8 @@ struct Lat {
     mean_us: f64,
     p50_us: f64,
     p99_us: f64,
+    #[serde(default)]
+    p999_us: f64,
     max_us: f64,
 }
 
@@ -175,6 +180,7 @@ fn summarize(mut ns: Vec<u64>) -> Lat {
         mean_us: ns.iter().sum::<u64>() as f64 / ns.len() as f64 / 1e3,
         p50_us: pick(0.50),
         p99_us: pick(0.99),
+        p999_us: pick(0.999),
         max_us: *ns.last().unwrap_or(&0) as f64 / 1e3,
     }
 }
@@ -300,13 +306,13 @@ fn timed_writes(
     entries: usize,
     entry_len: usize,
     synced: bool,
+    groups: u64,
 ) -> Result<TimedResult> {
     let dir = TempDir::new(base, name)?;
     let engine = Engine::open(&dir.0, options(args, args.prefill)).context("opening engine")?;
     let payload = Arc::new(Payload::new(args.compressible));
     let barrier = Arc::new(Barrier::new(threads + 1));
     let dur = Duration::from_secs_f64(args.secs);
-    let groups = args.groups;
     let mut handles = Vec::new();
     for t in 0..threads {
         let engine = engine.clone();
@@ -553,6 +559,7 @@ fn reopen_in_child(args: &Args, dir: &Path) -> Result<Reopen> {
 #[derive(Debug, Default, Serialize)]
 struct Results {
     args: String,
+    scale: Vec<(String, TimedResult)>,
     w1: Option<TimedResult>,
     w1p: Option<TimedResult>,
     w2: Option<TimedResult>,
@@ -609,17 +616,67 @@ fn main() -> Result<()> {
     settle(&args);
     if wanted(&args, "W1") {
         progress!("W1: synced writes, 4 threads ...");
-        r.w1 = Some(timed_writes(&args, &base, "w1", 4, 8, 256, true)?);
+        r.w1 = Some(timed_writes(
+            &args,
+            &base,
+            "w1",
+            4,
+            8,
+            256,
+            true,
+            args.groups,
+        )?);
         settle(&args);
     }
     if wanted(&args, "W1P") {
         progress!("W1': synced writes, 1 thread ...");
-        r.w1p = Some(timed_writes(&args, &base, "w1p", 1, 8, 256, true)?);
+        r.w1p = Some(timed_writes(
+            &args,
+            &base,
+            "w1p",
+            1,
+            8,
+            256,
+            true,
+            args.groups,
+        )?);
         settle(&args);
     }
     if wanted(&args, "W2") {
         progress!("W2: unsynced writes, 2 threads, 8 x 4 KiB ...");
-        r.w2 = Some(timed_writes(&args, &base, "w2", 2, 8, 4096, false)?);
+        r.w2 = Some(timed_writes(
+            &args,
+            &base,
+            "w2",
+            2,
+            8,
+            4096,
+            false,
+            args.groups,
+        )?);
+        settle(&args);
+    }
+    // Issue 7: scaling with writer threads (W1S), many groups (W8), unsynced appends (W2P).
+    if wanted(&args, "W1S") {
+        for &t in &args.threads {
+            progress!("W1 scaling: synced writes, {t} threads ...");
+            let w = timed_writes(&args, &base, "w1s", t, 8, 256, true, args.groups)?;
+            r.scale.push((format!("W1 {t} threads"), w));
+            settle(&args);
+        }
+    }
+    if wanted(&args, "W8") {
+        for t in [16usize, 64] {
+            progress!("W8: 100,000 groups, 1 × 256 B per synced write, {t} threads ...");
+            let w = timed_writes(&args, &base, "w8", t, 1, 256, true, 100_000)?;
+            r.scale.push((format!("W8 {t} threads"), w));
+            settle(&args);
+        }
+    }
+    if wanted(&args, "W2P") {
+        progress!("W2': unsynced appends of one 128 B entry, 1 thread ...");
+        let w = timed_writes(&args, &base, "w2p", 1, 1, 128, false, args.groups)?;
+        r.scale.push(("W2' 1 thread unsynced 128 B".into(), w));
         settle(&args);
     }
     let reopen_wanted = ["W3", "W4", "W5"].iter().any(|w| wanted(&args, w));
@@ -682,6 +739,22 @@ fn main() -> Result<()> {
     progress!("done");
 
     print_table(&args, &r);
+    if !r.scale.is_empty() {
+        println!();
+        println!("| workload | writes/s | ns per write | p50 µs | p99 µs | p99.9 µs | max µs |");
+        println!("|---|---|---|---|---|---|---|");
+        for (name, w) in &r.scale {
+            println!(
+                "| {name} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                w.writes_per_sec,
+                1e9 / w.writes_per_sec,
+                w.lat.p50_us,
+                w.lat.p99_us,
+                w.lat.p999_us,
+                w.lat.max_us
+            );
+        }
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&r)?)
             .with_context(|| format!("writing {path:?}"))?;

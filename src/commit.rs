@@ -97,6 +97,10 @@ struct State {
     ready_callbacks: Vec<(Callback, bool)>,
     poisoned: Option<String>,
     shutdown: bool,
+    /// The parked writer the sync stage was handed to (while `syncing`). Set, together with its
+    /// `lead_sync` flag, under this state's lock; a writer completing for another reason checks
+    /// it under the same lock, so a handover is never lost.
+    heir: Option<Arc<Signal>>,
 }
 
 impl State {
@@ -274,6 +278,7 @@ impl Commit {
     /// leadership to another parked writer after the first round so the caller can return.
     pub(crate) fn lead_syncs(&self, syncer: &dyn Syncer, hand_over: bool) {
         let mut guard = SyncingGuard(self, true);
+        self.state.lock().heir = None;
         loop {
             let mut st = self.state.lock();
             if let Some(reason) = st.poisoned.clone() {
@@ -338,8 +343,10 @@ impl Commit {
             } else {
                 None
             };
-            if heir.is_some() {
+            if let Some(h) = &heir {
                 guard.1 = false;
+                h.update(|s| s.lead_sync = true);
+                st.heir = Some(h.clone());
             }
             drop(st);
             for w in ready {
@@ -348,8 +355,7 @@ impl Commit {
             for (w, context) in short_of {
                 w.complete(Err(Error::NoSpace { context }));
             }
-            if let Some(heir) = heir {
-                heir.update(|s| s.lead_sync = true);
+            if heir.is_some() {
                 return;
             }
         }
@@ -377,8 +383,21 @@ impl Commit {
             });
             match next {
                 Next::Done(r) => {
-                    // Leadership handed to us after our own group became durable: pass it on.
-                    if std::mem::take(&mut signal.st.lock().lead_sync) {
+                    // The sync stage may have been handed to us just before our own group was
+                    // found durable elsewhere (a rotation's fsync): lead it on, or it is lost.
+                    let heir = {
+                        let mut st = self.state.lock();
+                        let mine = st
+                            .heir
+                            .as_ref()
+                            .is_some_and(|h| std::ptr::eq(Arc::as_ptr(h), signal));
+                        if mine {
+                            st.heir = None;
+                        }
+                        mine
+                    };
+                    if heir {
+                        signal.st.lock().lead_sync = false;
                         self.lead_syncs(syncer, false);
                     }
                     return r;

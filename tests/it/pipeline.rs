@@ -361,11 +361,10 @@ fn a_failed_fsync_fails_its_writers_and_poisons() {
     shared.gate.open_all();
     // The first fsync failed: whoever it covered got an error; nobody got Ok for bytes that
     // only a later (believed) fsync could have covered, because none runs after poisoning.
-    for r in &results {
-        if let Ok(()) = r {
-            panic!("a writer was acknowledged although the fsync failed and the engine is poisoned: {results:?}");
-        }
-    }
+    assert!(
+        results.iter().all(|r| r.is_err()),
+        "a writer was acknowledged although the fsync failed and the engine is poisoned: {results:?}"
+    );
     assert!(results
         .iter()
         .all(|r| matches!(r, Err(Error::Poisoned { .. }) | Err(Error::Io { .. }))));
