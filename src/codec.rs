@@ -12,6 +12,14 @@ use crate::options::MAX_RECORD_BYTES;
 pub const RECORD_HEADER_LEN: usize = 16;
 /// Header flag: the body is lz4 block-compressed.
 pub const FLAG_LZ4: u8 = 1;
+/// Header flag: the record is a sync marker (see [`encode_sync_marker`]), not a batch.
+pub const FLAG_SYNC_MARKER: u8 = 2;
+/// Magic bytes opening a sync marker's body.
+pub const SYNC_MARKER_MAGIC: [u8; 8] = *b"MRWALSYN";
+/// Bytes of a sync marker's body: the magic and `synced_to`.
+pub const SYNC_MARKER_BODY_LEN: usize = 16;
+/// Bytes of a whole sync marker record.
+pub const SYNC_MARKER_LEN: usize = RECORD_HEADER_LEN + SYNC_MARKER_BODY_LEN;
 
 const OP_APPEND: u8 = 1;
 const OP_TRUNCATE: u8 = 2;
@@ -152,13 +160,22 @@ impl RecordHeader {
         if u64::from(h.raw_len) > MAX_RECORD_BYTES || h.raw_len == 0 {
             return Err(DecodeError::Invalid("record raw length"));
         }
-        if h.flags & !FLAG_LZ4 != 0 || b[9] != 0 || b[10] != 0 || b[11] != 0 {
+        if !matches!(h.flags, 0 | FLAG_LZ4 | FLAG_SYNC_MARKER) || b[9] != 0 || b[10] != 0 || b[11] != 0
+        {
             return Err(DecodeError::Invalid("record flags"));
         }
         if h.flags & FLAG_LZ4 == 0 && h.raw_len != h.body_len {
             return Err(DecodeError::Invalid("record raw length"));
         }
+        if h.is_sync_marker() && h.body_len as usize != SYNC_MARKER_BODY_LEN {
+            return Err(DecodeError::Invalid("sync marker length"));
+        }
         Ok(Some(h))
+    }
+
+    /// Whether the record is a sync marker rather than a batch.
+    pub fn is_sync_marker(&self) -> bool {
+        self.flags == FLAG_SYNC_MARKER
     }
 
     /// Total bytes of the record, header included.
@@ -172,6 +189,40 @@ impl RecordHeader {
 pub fn record_crc(segment: u64, record: &[u8]) -> u32 {
     let seed = crc32c::crc32c(&segment.to_le_bytes());
     crc32c::crc32c_append(seed, record.get(8..).unwrap_or_default())
+}
+
+/// A sealed sync marker for segment `segment`: a record declaring that bytes
+/// `[SEGMENT_HEADER_LEN, synced_to)` of the segment had been fdatasynced (successfully) before
+/// the marker was written. Recovery never cuts damage below an intact marker's `synced_to`.
+pub(crate) fn encode_sync_marker(segment: u64, synced_to: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SYNC_MARKER_LEN);
+    out.extend_from_slice(&(SYNC_MARKER_BODY_LEN as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&[FLAG_SYNC_MARKER, 0, 0, 0]);
+    out.extend_from_slice(&(SYNC_MARKER_BODY_LEN as u32).to_le_bytes());
+    out.extend_from_slice(&SYNC_MARKER_MAGIC);
+    out.extend_from_slice(&synced_to.to_le_bytes());
+    seal_record(&mut out, segment);
+    out
+}
+
+/// The `synced_to` of a verified sync marker's body, checked to lie between the segment header
+/// and the marker's own offset `at` (a marker cannot vouch for bytes written after it).
+pub fn parse_sync_marker(body: &[u8], at: u64) -> Result<u64, DecodeError> {
+    let (magic, rest) = body
+        .split_first_chunk::<8>()
+        .ok_or(DecodeError::Truncated)?;
+    if *magic != SYNC_MARKER_MAGIC {
+        return Err(DecodeError::Invalid("sync marker magic"));
+    }
+    let synced = rest
+        .first_chunk::<8>()
+        .map(|b| u64::from_le_bytes(*b))
+        .ok_or(DecodeError::Truncated)?;
+    if synced < crate::segment::SEGMENT_HEADER_LEN || synced > at {
+        return Err(DecodeError::Invalid("sync marker offset"));
+    }
+    Ok(synced)
 }
 
 /// Checks a whole record (header + stored body) read from segment `segment` and returns its raw
@@ -209,9 +260,11 @@ pub struct EntrySpan {
     pub len: u32,
 }
 
-/// One operation of a batch, as decoded from a raw body.
+/// One operation of a batch: the one operation type of the crate. Decoding yields
+/// `Op<&[u8]>` borrowing the record's body; replay keeps `Op<Box<[u8]>>`
+/// ([`Op::into_owned`]); both are applied to the index by `index::apply_op`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op<'a> {
+pub enum Op<B> {
     /// Entries `first..first + spans.len()` of `group`.
     Append {
         /// Group id.
@@ -240,30 +293,30 @@ pub enum Op<'a> {
         /// Group id.
         group: u64,
         /// Key.
-        key: &'a [u8],
+        key: B,
         /// Value.
-        value: &'a [u8],
+        value: B,
     },
     /// Delete a key.
     Delete {
         /// Group id.
         group: u64,
         /// Key.
-        key: &'a [u8],
+        key: B,
     },
     /// Set the vote.
     Vote {
         /// Group id.
         group: u64,
         /// Opaque vote bytes.
-        value: &'a [u8],
+        value: B,
     },
     /// Set the committed marker.
     Committed {
         /// Group id.
         group: u64,
         /// Opaque committed bytes.
-        value: &'a [u8],
+        value: B,
     },
     /// Drop the whole group.
     RemoveGroup {
@@ -272,9 +325,62 @@ pub enum Op<'a> {
     },
 }
 
+impl<B> Op<B> {
+    /// The group the op acts on.
+    pub fn group(&self) -> u64 {
+        match *self {
+            Op::Append { group, .. }
+            | Op::Truncate { group, .. }
+            | Op::Purge { group, .. }
+            | Op::Put { group, .. }
+            | Op::Delete { group, .. }
+            | Op::Vote { group, .. }
+            | Op::Committed { group, .. }
+            | Op::RemoveGroup { group } => group,
+        }
+    }
+}
+
+impl Op<&[u8]> {
+    /// The op with its byte fields copied out of the record body.
+    pub fn into_owned(self) -> Op<Box<[u8]>> {
+        match self {
+            Op::Append {
+                group,
+                first,
+                spans,
+            } => Op::Append {
+                group,
+                first,
+                spans,
+            },
+            Op::Truncate { group, index } => Op::Truncate { group, index },
+            Op::Purge { group, index } => Op::Purge { group, index },
+            Op::Put { group, key, value } => Op::Put {
+                group,
+                key: key.into(),
+                value: value.into(),
+            },
+            Op::Delete { group, key } => Op::Delete {
+                group,
+                key: key.into(),
+            },
+            Op::Vote { group, value } => Op::Vote {
+                group,
+                value: value.into(),
+            },
+            Op::Committed { group, value } => Op::Committed {
+                group,
+                value: value.into(),
+            },
+            Op::RemoveGroup { group } => Op::RemoveGroup { group },
+        }
+    }
+}
+
 /// Decodes a raw body into its operations. Entry spans are checked to lie inside the payload
 /// area, in order and without overlap.
-pub fn decode_body(raw: &[u8]) -> Result<(Vec<Op<'_>>, Vec<EntrySpan>), DecodeError> {
+pub fn decode_body(raw: &[u8]) -> Result<(Vec<Op<&[u8]>>, Vec<EntrySpan>), DecodeError> {
     let mut ops = Vec::new();
     let mut spans = Vec::new();
     decode_body_into(raw, &mut spans, |op| ops.push(op))?;
@@ -287,7 +393,7 @@ pub fn decode_body(raw: &[u8]) -> Result<(Vec<Op<'_>>, Vec<EntrySpan>), DecodeEr
 pub fn decode_body_into<'a>(
     raw: &'a [u8],
     spans: &mut Vec<EntrySpan>,
-    sink: impl FnMut(Op<'a>),
+    sink: impl FnMut(Op<&'a [u8]>),
 ) -> Result<(), DecodeError> {
     let start = spans.len();
     let r = decode_inner(raw, spans, sink);
@@ -300,7 +406,7 @@ pub fn decode_body_into<'a>(
 fn decode_inner<'a>(
     raw: &'a [u8],
     spans: &mut Vec<EntrySpan>,
-    mut sink: impl FnMut(Op<'a>),
+    mut sink: impl FnMut(Op<&'a [u8]>),
 ) -> Result<(), DecodeError> {
     if raw.len() > u32::MAX as usize {
         return Err(DecodeError::Invalid("body length"));
@@ -561,8 +667,8 @@ mod tests {
             ops[2],
             Op::Put {
                 group: 9,
-                key: b"k",
-                value: b"v"
+                key: &b"k"[..],
+                value: &b"v"[..]
             }
         );
         // The same bytes in another segment fail.

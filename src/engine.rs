@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::fs::{DirLock, FileSystem, FsFile};
 use crate::index::{EntryLoc, Group, Groups, Range, Run};
 use crate::options::{Options, MAX_RECORD_BYTES};
-use crate::recovery::{recover, RecoveryReport};
+use crate::recovery::{recover, seal_clean_shutdown, with_marker, RecoveryReport, SyncPoint};
 use crate::segment::{create_segment, prefill_segment, segment_name, SEGMENT_HEADER_LEN};
 
 /// Name of the lock file in the data directory.
@@ -76,7 +76,9 @@ impl Drop for Handle {
         // synced (so even unsynced writes are durable), and the prepared, empty segment keeps
         // only its header. The next open then reads no zero tail. Failures only cost that.
         let seal = |file: &dyn FsFile, len: u64| file.set_len(len).and_then(|()| file.sync_data());
-        if let Err(e) = seal(log.file.as_ref(), log.offset) {
+        // Sync, final sync marker, SEAL file: recovery then never takes damage here for a tail.
+        let (fs, dir) = (self.inner.fs.as_ref(), &self.inner.dir);
+        if let Err(e) = seal_clean_shutdown(fs, dir, log.segment, log.file.as_ref(), log.offset) {
             tracing::warn!(error = %e, "sealing the active segment at shutdown");
         }
         if let Some((file, _)) = prepared {
@@ -118,6 +120,8 @@ struct Inner {
     in_flight: AtomicUsize,
     /// The id of the segment receiving writes (a hint read outside the log lock).
     active_segment: AtomicU64,
+    /// Up to where fsyncs have made the active segment durable; drives the sync markers.
+    sync_point: SyncPoint,
     /// Serializes GC rounds; holds the `covers_below` of the last checkpoint stored.
     gc_lock: Mutex<u64>,
     report: RecoveryReport,
@@ -184,13 +188,14 @@ impl Syncer for Inner {
                 std::thread::yield_now();
             }
         }
-        let (file, target) = {
+        let (file, target, point) = {
             let mut log = self.log.lock();
             self.note_sync(&mut log);
-            (log.file.clone(), log.written)
+            (log.file.clone(), log.written, (log.segment, log.offset))
         };
         self.commit
             .guarded_sync("fdatasync of the active segment", || file.sync_data())?;
+        self.sync_point.synced(point.0, point.1);
         Ok(target)
     }
 }
@@ -418,7 +423,10 @@ impl Inner {
             Some((segment, crc)) if segment == log.segment => set_crc(record, crc),
             _ => seal_record(record, log.segment),
         }
-        if let Err(e) = log.file.write_all_at(record, log.offset) {
+        // A sync marker first if an fsync advanced the durable point (same write).
+        let marker = self.sync_point.marker_due(log.segment, log.offset);
+        let (bytes, rec_at) = with_marker(marker, record);
+        if let Err(e) = log.file.write_all_at(&bytes, log.offset) {
             let err = Error::io(format!("writing to segment {}", log.segment), e);
             if matches!(err, Error::NoSpace { .. }) {
                 // Cut whatever prefix reached the file so that no partial record stays behind the
@@ -429,6 +437,7 @@ impl Inner {
             }
             return Err(self.fail(err));
         }
+        log.offset += rec_at;
         apply(
             &self.groups,
             batch,
@@ -605,6 +614,7 @@ impl Engine {
             commit: Commit::default(),
             in_flight: AtomicUsize::new(0),
             active_segment: AtomicU64::new(segment),
+            sync_point: SyncPoint::default(),
             gc_lock: Mutex::new(0),
             report: rec.report,
             _lock: lock,
