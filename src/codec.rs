@@ -160,7 +160,10 @@ impl RecordHeader {
         if u64::from(h.raw_len) > MAX_RECORD_BYTES || h.raw_len == 0 {
             return Err(DecodeError::Invalid("record raw length"));
         }
-        if !matches!(h.flags, 0 | FLAG_LZ4 | FLAG_SYNC_MARKER) || b[9] != 0 || b[10] != 0 || b[11] != 0
+        if !matches!(h.flags, 0 | FLAG_LZ4 | FLAG_SYNC_MARKER)
+            || b[9] != 0
+            || b[10] != 0
+            || b[11] != 0
         {
             return Err(DecodeError::Invalid("record flags"));
         }

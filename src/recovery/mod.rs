@@ -102,7 +102,9 @@ fn durable_points(scans: &[SegmentScan], seal: Option<Seal>) -> Vec<u64> {
     let mut points = vec![0; scans.len()];
     for (s, point) in scans.iter().zip(points.iter_mut()).rev() {
         let sealed_later = seal.is_some_and(|seal| seal.segment > s.id);
-        let sealed_here = seal.filter(|seal| seal.segment == s.id).map_or(0, |x| x.len);
+        let sealed_here = seal
+            .filter(|seal| seal.segment == s.id)
+            .map_or(0, |x| x.len);
         *point = if later_holds_records || sealed_later {
             u64::MAX
         } else {
@@ -187,7 +189,11 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
     for (i, (s, &point)) in scans.iter().zip(&durable).enumerate() {
         report.skipped.extend(s.parts.skipped.iter().cloned());
         if let Some(seal) = seal.filter(|seal| seal.segment == s.id) {
-            let end = s.parts.damage.as_ref().map_or(s.parts.valid_end, |d| d.offset);
+            let end = s
+                .parts
+                .damage
+                .as_ref()
+                .map_or(s.parts.valid_end, |d| d.offset);
             if end < seal.len && s.parts.damage.is_none() && mode != RecoveryMode::TolerateAny {
                 return Err(Error::corruption(
                     s.id,
@@ -204,7 +210,11 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
             let why = if d.offset == 0 {
                 d.reason.clone()
             } else {
-                format!("{} (in data proven durable up to {})", d.reason, point.min(s.file_len))
+                format!(
+                    "{} (in data proven durable up to {})",
+                    d.reason,
+                    point.min(s.file_len)
+                )
             };
             return Err(Error::corruption(s.id, d.offset, why));
         }
@@ -258,7 +268,8 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
     // Every check passed: now repair the directory.
     let mut dir_dirty = false;
     for name in &names {
-        let segment_tmp = name.ends_with(TMP_EXT) && name.ends_with(&format!("{SEGMENT_EXT}{TMP_EXT}"));
+        let segment_tmp =
+            name.ends_with(TMP_EXT) && name.ends_with(&format!("{SEGMENT_EXT}{TMP_EXT}"));
         if segment_tmp || checkpoint::is_temp(name) || name == seal::SEAL_TMP {
             fs.remove(&dir.join(name))
                 .map_err(|e| Error::io(format!("removing leftover {name}"), e))?;
@@ -290,9 +301,9 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         // make them durable before the engine writes anything after them.
         let unproven = s.parts.valid_end > SEGMENT_HEADER_LEN && s.parts.valid_end > point;
         if cut || trim || unproven {
-            s.file.sync_data().map_err(|e| {
-                Error::io(format!("syncing segment {} during recovery", s.id), e)
-            })?;
+            s.file
+                .sync_data()
+                .map_err(|e| Error::io(format!("syncing segment {} during recovery", s.id), e))?;
             report.synced_segments.push(s.id);
         }
     }
@@ -334,4 +345,178 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         next_segment,
         report,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::GroupMeta;
+    use crate::codec::{seal_record, BodyBuilder};
+    use crate::fs::StdFs;
+    use crate::index::Range;
+    use crate::segment::{encode_header, segment_name};
+
+    /// A record appending `n` entries at `first` to `group`.
+    fn append_record(segment: u64, group: u64, first: u64, n: usize) -> Vec<u8> {
+        let mut b = BodyBuilder::default();
+        let mut lens = Vec::new();
+        let entries: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; 10]).collect();
+        b.append(group, first, &entries, &mut lens).unwrap();
+        let mut rec = b.encode(usize::MAX);
+        seal_record(&mut rec, segment);
+        rec
+    }
+
+    fn write_segment(dir: &Path, id: u64, records: &[Vec<u8>]) {
+        let mut data = encode_header(id).to_vec();
+        for r in records {
+            data.extend_from_slice(r);
+        }
+        std::fs::write(dir.join(segment_name(id)), data).unwrap();
+    }
+
+    fn opts(mode: RecoveryMode) -> Options {
+        Options::default().recovery_mode(mode)
+    }
+
+    #[test]
+    fn an_append_that_does_not_fit_is_inconsistent_not_a_fresh_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Group 1 holds 1..=3, then a record appends at 10: a gap.
+        write_segment(
+            tmp.path(),
+            1,
+            &[append_record(1, 1, 1, 3), append_record(1, 1, 10, 2)],
+        );
+        for mode in [RecoveryMode::Strict, RecoveryMode::TolerateTail] {
+            match recover(&StdFs, tmp.path(), &opts(mode)) {
+                Err(Error::Inconsistent { group: 1, .. }) => {}
+                Err(e) => panic!("{mode:?}: {e:?}"),
+                Ok(r) => panic!(
+                    "{mode:?}: opened with group 1 = {:?}",
+                    r.groups[&1].entries.range()
+                ),
+            }
+        }
+        let r = recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateAny)).unwrap();
+        assert_eq!(r.groups[&1].entries.range(), Range { first: 1, len: 3 });
+        assert_eq!(r.report.skipped.len(), 1, "{:?}", r.report.skipped);
+    }
+
+    #[test]
+    fn segment_ids_beyond_u32_are_refused_not_wrapped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let big = (1u64 << 32) + 1;
+        // Segment 1 survives below the checkpoint with group 2's entry; segment 2^32 + 1 holds
+        // group 1's. Wrapped to u32, group 1's run would name segment 1 and serve group 2's bytes.
+        write_segment(tmp.path(), 1, &[append_record(1, 2, 1, 1)]);
+        write_segment(tmp.path(), big, &[append_record(big, 1, 1, 1)]);
+        let c = Checkpoint {
+            covers_below: big,
+            survivors: vec![1],
+            groups: vec![(
+                2,
+                GroupMeta {
+                    range: Range { first: 1, len: 1 },
+                    ..GroupMeta::default()
+                },
+            )],
+        };
+        c.store(&StdFs, tmp.path()).unwrap();
+        match recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)) {
+            Err(Error::Corruption { segment, .. }) => assert_eq!(segment, big),
+            Err(e) => panic!("{e:?}"),
+            Ok(r) => panic!(
+                "opened; group 1's entry is said to be in segment {:?}",
+                r.groups[&1].entries.locate(1).map(|l| l.run.segment)
+            ),
+        }
+    }
+
+    #[test]
+    fn damage_before_a_later_marker_is_corruption_after_it_a_tail() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r1 = append_record(1, 1, 1, 2);
+        let r2 = append_record(1, 1, 3, 2);
+        let synced_to = SEGMENT_HEADER_LEN + r1.len() as u64;
+        let marker = crate::codec::encode_sync_marker(1, synced_to);
+        let r3 = append_record(1, 1, 5, 2);
+        write_segment(tmp.path(), 1, &[r1.clone(), r2.clone(), marker, r3]);
+        let path = tmp.path().join(segment_name(1));
+        let good = std::fs::read(&path).unwrap();
+        // A flip in r1 (declared synced by the marker): corruption in every strictness.
+        let mut bad = good.clone();
+        bad[SEGMENT_HEADER_LEN as usize + 20] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        for mode in [RecoveryMode::Strict, RecoveryMode::TolerateTail] {
+            match recover(&StdFs, tmp.path(), &opts(mode)) {
+                Err(Error::Corruption {
+                    segment: 1, offset, ..
+                }) => {
+                    assert_eq!(offset, SEGMENT_HEADER_LEN)
+                }
+                other => panic!("{mode:?}: {:?}", other.map(|r| r.report)),
+            }
+        }
+        // A flip in r2 (after the synced point): a torn tail, cut in TolerateTail.
+        let mut bad = good.clone();
+        let r2_at = synced_to as usize;
+        bad[r2_at + 20] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(matches!(
+            recover(&StdFs, tmp.path(), &opts(RecoveryMode::Strict)),
+            Err(Error::TornTail { segment: 1, .. })
+        ));
+        let r = recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)).unwrap();
+        assert_eq!(r.report.tail_cut.map(|c| c.1), Some(synced_to));
+        assert_eq!(r.groups[&1].entries.range(), Range { first: 1, len: 2 });
+        assert_eq!(r.report.synced_segments, vec![1]);
+    }
+
+    #[test]
+    fn a_seal_file_proves_the_whole_segment_and_names_a_missing_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r1 = append_record(1, 1, 1, 2);
+        let r2 = append_record(1, 1, 3, 2);
+        write_segment(tmp.path(), 1, &[r1.clone(), r2.clone()]);
+        let end = SEGMENT_HEADER_LEN + (r1.len() + r2.len()) as u64;
+        seal::store(
+            &StdFs,
+            tmp.path(),
+            Seal {
+                segment: 1,
+                len: end,
+            },
+        )
+        .unwrap();
+        let path = tmp.path().join(segment_name(1));
+        let good = std::fs::read(&path).unwrap();
+        let r = recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)).unwrap();
+        assert!(r.report.clean_seal && r.report.synced_segments.is_empty());
+        // The last record cut short, or zeroed: the seal says it was durable.
+        std::fs::write(&path, &good[..good.len() - 5]).unwrap();
+        assert!(matches!(
+            recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)),
+            Err(Error::Corruption { segment: 1, .. })
+        ));
+        let mut zeroed = good.clone();
+        zeroed[SEGMENT_HEADER_LEN as usize + r1.len()..].fill(0);
+        std::fs::write(&path, &zeroed).unwrap();
+        assert!(matches!(
+            recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)),
+            Err(Error::Corruption { segment: 1, .. })
+        ));
+        // Garbage appended after the sealed end: a tail, cut.
+        let mut longer = good.clone();
+        longer.extend_from_slice(&[0xAB; 40]);
+        std::fs::write(&path, &longer).unwrap();
+        let r = recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)).unwrap();
+        assert_eq!(r.report.tail_cut, Some((1, end, 40)));
+        // The sealed segment deleted: missing, not an empty log.
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)),
+            Err(Error::MissingSegment { segment: 1 })
+        ));
+    }
 }

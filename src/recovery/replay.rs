@@ -20,13 +20,8 @@ use super::{RecoveryReport, SkippedRange};
 
 /// The index's name for segment `id` (ids above `u32::MAX` are refused before replay).
 pub(super) fn segment_u32(id: u64) -> Result<u32> {
-    u32::try_from(id).map_err(|_| {
-        Error::corruption(
-            id,
-            0,
-            "segment id beyond the 2^32 - 1 the index can name",
-        )
-    })
+    u32::try_from(id)
+        .map_err(|_| Error::corruption(id, 0, "segment id beyond the 2^32 - 1 the index can name"))
 }
 
 #[derive(Clone, Copy)]
@@ -215,18 +210,25 @@ pub(super) fn replay_segment(
                 if mode != RecoveryMode::TolerateAny {
                     return Err(Error::Inconsistent {
                         group,
-                        reason: format!(
-                            "segment {id}, record at {}: {reason}",
-                            rec.offset
-                        ),
+                        reason: format!("segment {id}, record at {}: {reason}", rec.offset),
                     });
                 }
-                report.skipped.push(SkippedRange {
-                    segment: id,
-                    start: u64::from(rec.offset),
-                    end: u64::from(rec.offset) + u64::from(rec.len),
-                    reason,
-                });
+                // One report per group and segment, however many appends in a row misfit.
+                let end = u64::from(rec.offset) + u64::from(rec.len);
+                let prefix = format!("group {group}: ");
+                match report.skipped.last_mut() {
+                    Some(last) if last.segment == id && last.reason.starts_with(&prefix) => {
+                        last.end = end;
+                    }
+                    _ => report.skipped.push(SkippedRange {
+                        segment: id,
+                        start: u64::from(rec.offset),
+                        end,
+                        reason: format!(
+                            "{reason} (and any later appends to the group in this range)"
+                        ),
+                    }),
+                }
             }
         }
         done = rec.ops_end;

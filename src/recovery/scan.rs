@@ -525,7 +525,11 @@ mod tests {
         let (data, ends) = segment_with_records(3, 3);
         for cut in ends[1]..ends[2] {
             let p = scan_bytes(3, &data[..cut as usize], false);
-            assert_eq!((p.valid_end, p.records.recs.len()), (ends[1], 2), "cut {cut}");
+            assert_eq!(
+                (p.valid_end, p.records.recs.len()),
+                (ends[1], 2),
+                "cut {cut}"
+            );
             assert_eq!(p.damage.is_some(), cut > ends[1], "cut {cut}");
         }
     }
@@ -567,11 +571,17 @@ mod tests {
         data.extend_from_slice(&encode_sync_marker(3, ends[1]));
         let marked = data.len() as u64;
         let p = scan_bytes(3, &data, false);
-        assert_eq!((p.valid_end, p.records.markers, p.records.synced_to), (marked, 1, ends[1]));
+        assert_eq!(
+            (p.valid_end, p.records.markers, p.records.synced_to),
+            (marked, 1, ends[1])
+        );
         // Damage in the first record: the marker after it is still found, by its magic.
         data[ends[0] as usize - 3] ^= 0x10;
         let p = scan_bytes(3, &data, false);
-        assert_eq!(p.damage.as_ref().map(|d| d.offset), Some(SEGMENT_HEADER_LEN));
+        assert_eq!(
+            p.damage.as_ref().map(|d| d.offset),
+            Some(SEGMENT_HEADER_LEN)
+        );
         assert_eq!(p.records.synced_to, ends[1]);
         // A marker of another segment, or one vouching for bytes after itself, counts for nothing.
         let (mut data, ends) = segment_with_records(3, 2);

@@ -131,7 +131,14 @@ pub(crate) fn seal_clean_shutdown(
             .map_err(|e| Error::io(what("syncing the final sync marker of"), e))?;
         sealed = len + SYNC_MARKER_LEN as u64;
     }
-    store(fs, dir, Seal { segment, len: sealed })
+    store(
+        fs,
+        dir,
+        Seal {
+            segment,
+            len: sealed,
+        },
+    )
 }
 
 /// Writes `SEAL` durably: temp file, fsync, rename over the old one, fsync the directory.
@@ -201,7 +208,10 @@ impl SyncPoint {
 /// The bytes to write for a record, with a due marker first (one write, no extra syscall), and
 /// the offset of the record itself relative to the write's start. For a pipeline that gathers a
 /// write group into one buffer: put the marker at the buffer's front.
-pub(crate) fn with_marker(marker: Option<Vec<u8>>, record: &[u8]) -> (std::borrow::Cow<'_, [u8]>, u64) {
+pub(crate) fn with_marker(
+    marker: Option<Vec<u8>>,
+    record: &[u8],
+) -> (std::borrow::Cow<'_, [u8]>, u64) {
     match marker {
         Some(mut m) => {
             let at = m.len() as u64;

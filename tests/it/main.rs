@@ -6,7 +6,9 @@
 //! - `faults`: EIO and ENOSPC injected at every call site.
 //! - `kill`: SIGKILL a child writer at random points, then check every acknowledged batch.
 //! - `prop_recovery`: seeded proptest of the fuzz inputs: hostile images never panic or lie.
+//! - `recovery_items`: one regression test per recovery item of issue 8 (kill then power cut, lz4 density, ...).
 //! - `raft_suite`: openraft's log-store suite, fresh engine per sub-test and 64 suites on one engine.
+//! - `raft_corruption`: single faults on a cleanly closed directory, read through the adapter.
 //! - `raft_durability`: append callbacks vs fdatasync, write errors, restarts, group isolation.
 //! - `raft_cluster`: 3 openraft nodes x 4 groups in one process: restart, leader change.
 
@@ -19,7 +21,10 @@ mod prop_recovery;
 #[cfg(feature = "openraft")]
 mod raft_cluster;
 #[cfg(feature = "openraft")]
+mod raft_corruption;
+#[cfg(feature = "openraft")]
 mod raft_durability;
 #[cfg(feature = "openraft")]
 mod raft_suite;
+mod recovery_items;
 mod simfs;

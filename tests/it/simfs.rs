@@ -71,6 +71,8 @@ impl Op {
 pub enum Fault {
     Eio,
     Enospc,
+    /// Disk quota exceeded: as full a disk as ENOSPC for the writer.
+    Edquot,
 }
 
 impl Fault {
@@ -78,6 +80,7 @@ impl Fault {
         match self {
             Fault::Eio => io::Error::from_raw_os_error(libc::EIO),
             Fault::Enospc => io::Error::from_raw_os_error(libc::ENOSPC),
+            Fault::Edquot => io::Error::from_raw_os_error(libc::EDQUOT),
         }
     }
 }
@@ -446,6 +449,24 @@ impl SimFs {
         inode.durable = bytes;
         inode.pending.clear();
         Ok(())
+    }
+
+    /// The file system the next process sees after this one was killed (SIGKILL, no power
+    /// cut): the live image survives, and what was not synced is still not durable (the page
+    /// cache holds it), so a later power cut ([`SimFs::crash_image`]) can still lose it. Handles
+    /// of the killed process fail from now on; fresh: no locks, no faults, counters at zero.
+    pub fn kill_image(&self) -> SimFs {
+        let mut s = self.lock_state();
+        s.crashed = true;
+        SimFs {
+            state: Arc::new(Mutex::new(State {
+                dirs: s.dirs.clone(),
+                inodes: s.inodes.clone(),
+                next_ino: s.next_ino,
+                seq: s.seq,
+                ..State::default()
+            })),
+        }
     }
 
     /// The file system a reboot after the crash (or after now, if no crash happened) would see.
