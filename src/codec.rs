@@ -16,8 +16,8 @@ pub const FLAG_LZ4: u8 = 1;
 pub const FLAG_SYNC_MARKER: u8 = 2;
 /// Magic bytes opening a sync marker's body.
 pub const SYNC_MARKER_MAGIC: [u8; 8] = *b"MRWALSYN";
-/// Bytes of a sync marker's body: the magic and `synced_to`.
-pub const SYNC_MARKER_BODY_LEN: usize = 16;
+/// Bytes of a sync marker's body: the magic, `synced_to` and `prev_sealed_len`.
+pub const SYNC_MARKER_BODY_LEN: usize = 24;
 /// Bytes of a whole sync marker record.
 pub const SYNC_MARKER_LEN: usize = RECORD_HEADER_LEN + SYNC_MARKER_BODY_LEN;
 
@@ -194,38 +194,60 @@ pub fn record_crc(segment: u64, record: &[u8]) -> u32 {
     crc32c::crc32c_append(seed, record.get(8..).unwrap_or_default())
 }
 
-/// A sealed sync marker for segment `segment`: a record declaring that bytes
-/// `[SEGMENT_HEADER_LEN, synced_to)` of the segment had been fdatasynced (successfully) before
-/// the marker was written. Recovery never cuts damage below an intact marker's `synced_to`.
-pub(crate) fn encode_sync_marker(segment: u64, synced_to: u64) -> Vec<u8> {
+/// What a sync marker declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SyncMarker {
+    /// Bytes `[SEGMENT_HEADER_LEN, synced_to)` of the marker's segment had been fdatasynced
+    /// (successfully) before the marker was written.
+    pub synced_to: u64,
+    /// If not 0: the previous segment (id - 1) was sealed at exactly this length (cut to its
+    /// last record and fdatasynced) before this segment took its first record.
+    pub prev_sealed_len: u64,
+}
+
+/// A complete, sealed sync marker record for segment `segment` (see [`SyncMarker`]). Recovery
+/// never cuts damage below an intact marker's `synced_to`, and checks the previous segment's
+/// length against `prev_sealed_len`.
+pub(crate) fn encode_sync_marker(segment: u64, marker: SyncMarker) -> Vec<u8> {
     let mut out = Vec::with_capacity(SYNC_MARKER_LEN);
-    out.extend_from_slice(&(SYNC_MARKER_BODY_LEN as u32).to_le_bytes());
+    let body_len = SYNC_MARKER_BODY_LEN as u32;
+    out.extend_from_slice(&body_len.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&[FLAG_SYNC_MARKER, 0, 0, 0]);
-    out.extend_from_slice(&(SYNC_MARKER_BODY_LEN as u32).to_le_bytes());
+    out.extend_from_slice(&body_len.to_le_bytes());
     out.extend_from_slice(&SYNC_MARKER_MAGIC);
-    out.extend_from_slice(&synced_to.to_le_bytes());
+    out.extend_from_slice(&marker.synced_to.to_le_bytes());
+    out.extend_from_slice(&marker.prev_sealed_len.to_le_bytes());
     seal_record(&mut out, segment);
     out
 }
 
-/// The `synced_to` of a verified sync marker's body, checked to lie between the segment header
-/// and the marker's own offset `at` (a marker cannot vouch for bytes written after it).
-pub fn parse_sync_marker(body: &[u8], at: u64) -> Result<u64, DecodeError> {
-    let (magic, rest) = body
-        .split_first_chunk::<8>()
-        .ok_or(DecodeError::Truncated)?;
-    if *magic != SYNC_MARKER_MAGIC {
+/// Decodes a verified sync marker's body found at offset `at`; `synced_to` must lie between the
+/// segment header and `at` (a marker cannot vouch for bytes written after it).
+pub fn parse_sync_marker(body: &[u8], at: u64) -> Result<SyncMarker, DecodeError> {
+    let mut r = Reader::new(body);
+    if r.take(8)? != SYNC_MARKER_MAGIC {
         return Err(DecodeError::Invalid("sync marker magic"));
     }
-    let synced = rest
-        .first_chunk::<8>()
-        .map(|b| u64::from_le_bytes(*b))
-        .ok_or(DecodeError::Truncated)?;
-    if synced < crate::segment::SEGMENT_HEADER_LEN || synced > at {
+    let mut u64_le = || -> Result<u64, DecodeError> {
+        let b = r
+            .take(8)?
+            .first_chunk::<8>()
+            .ok_or(DecodeError::Truncated)?;
+        Ok(u64::from_le_bytes(*b))
+    };
+    let synced_to = u64_le()?;
+    let prev_sealed_len = u64_le()?;
+    if synced_to < crate::segment::SEGMENT_HEADER_LEN || synced_to > at {
         return Err(DecodeError::Invalid("sync marker offset"));
     }
-    Ok(synced)
+    if prev_sealed_len != 0 && prev_sealed_len < crate::segment::SEGMENT_HEADER_LEN {
+        return Err(DecodeError::Invalid("sync marker sealed length"));
+    }
+    Ok(SyncMarker {
+        synced_to,
+        prev_sealed_len,
+    })
 }
 
 /// Checks a whole record (header + stored body) read from segment `segment` and returns its raw

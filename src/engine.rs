@@ -378,6 +378,7 @@ impl Inner {
         }
         let what = format!("fdatasync of segment {} before rotation", log.segment);
         self.commit.guarded_sync(&what, || log.file.sync_data())?;
+        self.sync_point.rotated(log.segment, log.offset);
         self.commit.mark_synced(log.written);
         self.segments.write().insert(next_id, file.clone());
         log.segment = next_id;

@@ -115,6 +115,44 @@ fn durable_points(scans: &[SegmentScan], seal: Option<Seal>) -> Vec<u64> {
     points
 }
 
+/// A segment followed by a record was sealed by its rotation: cut to its last record and
+/// fdatasynced before the next segment took one. So it must end exactly at its last record
+/// (a zero tail there means records were lost, not that a write was torn), and at the length
+/// the next segment's first marker declares, when it declares one.
+fn check_sealed_lengths(scans: &[SegmentScan], durable: &[u64]) -> Result<()> {
+    for (i, (s, &point)) in scans.iter().zip(durable).enumerate() {
+        if s.parts.damage.is_some() {
+            continue;
+        }
+        let end = s.parts.valid_end;
+        let declared = scans
+            .get(i + 1)
+            .filter(|next| next.id.checked_sub(1) == Some(s.id))
+            .map(|next| next.parts.records.prev_sealed_len)
+            .filter(|&len| len > 0);
+        if let Some(len) = declared {
+            if end != len || s.file_len != len {
+                return Err(Error::corruption(
+                    s.id,
+                    end.min(len),
+                    format!(
+                        "segment holds {end} bytes of records in a {}-byte file, but was sealed at {len} bytes",
+                        s.file_len
+                    ),
+                ));
+            }
+        }
+        if point == u64::MAX && s.holds_records() && s.file_len > end {
+            return Err(Error::corruption(
+                s.id,
+                end,
+                "bytes after the last record of a segment sealed by rotation (lost records?)",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Rebuilds the index from the data directory.
 pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result<Recovered> {
     let started = Instant::now();
@@ -183,6 +221,10 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
 
     let mut scans = scan_all(fs, dir, &live, opts)?;
     let durable = durable_points(&scans, seal);
+
+    if mode != RecoveryMode::TolerateAny {
+        check_sealed_lengths(&scans, &durable)?;
+    }
 
     // Classify damage: below a proven-durable point it is corruption; past it, a torn tail.
     let mut cuts: Vec<usize> = Vec::new();
@@ -439,7 +481,13 @@ mod tests {
         let r1 = append_record(1, 1, 1, 2);
         let r2 = append_record(1, 1, 3, 2);
         let synced_to = SEGMENT_HEADER_LEN + r1.len() as u64;
-        let marker = crate::codec::encode_sync_marker(1, synced_to);
+        let marker = crate::codec::encode_sync_marker(
+            1,
+            crate::codec::SyncMarker {
+                synced_to,
+                prev_sealed_len: 0,
+            },
+        );
         let r3 = append_record(1, 1, 5, 2);
         write_segment(tmp.path(), 1, &[r1.clone(), r2.clone(), marker, r3]);
         let path = tmp.path().join(segment_name(1));

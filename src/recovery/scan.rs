@@ -14,7 +14,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::codec::{
-    decode_body_into, parse_sync_marker, verify_record, EntrySpan, Op, RecordHeader,
+    decode_body_into, parse_sync_marker, verify_record, EntrySpan, Op, RecordHeader, SyncMarker,
     RECORD_HEADER_LEN, SYNC_MARKER_LEN, SYNC_MARKER_MAGIC,
 };
 use crate::error::{Error, Result};
@@ -45,6 +45,8 @@ pub(super) struct Records {
     pub(super) markers: usize,
     /// The highest `synced_to` any intact marker of the segment declares (0: none).
     pub(super) synced_to: u64,
+    /// The sealed length of the previous segment an intact marker declares (0: none).
+    pub(super) prev_sealed_len: u64,
 }
 
 /// The first damaged spot of a segment, when the scan stopped there.
@@ -249,9 +251,10 @@ fn decode_at<S: Source>(
     };
     if header.is_sync_marker() {
         return Ok(match parse_sync_marker(&raw, pos) {
-            Ok(synced) => {
+            Ok(m) => {
                 out.markers += 1;
-                out.synced_to = out.synced_to.max(synced);
+                out.synced_to = out.synced_to.max(m.synced_to);
+                out.prev_sealed_len = out.prev_sealed_len.max(m.prev_sealed_len);
                 Found::Record(rec_len)
             }
             Err(e) => Found::Bad(format!("sync marker: {e}"), Some(rec_len)),
@@ -272,13 +275,16 @@ fn decode_at<S: Source>(
     Ok(Found::Record(rec_len))
 }
 
-/// The highest `synced_to` declared by an intact sync marker that starts after `from` (0 if
-/// none). Used after damage, where record boundaries are lost: every position holding the
+/// What the intact sync markers starting after `from` declare (the highest of each field). Used after damage, where record boundaries are lost: every position holding the
 /// marker magic is tried as a marker. Costs one pass over the rest of the segment.
-fn markers_after<S: Source>(id: u64, from: u64, win: &mut Window<'_, S>) -> std::io::Result<u64> {
+fn markers_after<S: Source>(
+    id: u64,
+    from: u64,
+    win: &mut Window<'_, S>,
+) -> std::io::Result<SyncMarker> {
     const MAGIC_AT: u64 = RECORD_HEADER_LEN as u64;
     let size = win.src.size();
-    let mut best = 0;
+    let mut best = SyncMarker::default();
     let mut candidates = Vec::new();
     // Chunks overlap by a marker's length so no magic straddles two chunks unseen.
     let mut pos = from.saturating_add(1);
@@ -309,8 +315,9 @@ fn markers_after<S: Source>(id: u64, from: u64, win: &mut Window<'_, S>) -> std:
                 continue;
             }
             if let Ok(body) = verify_record(id, &header, rec) {
-                if let Ok(synced) = parse_sync_marker(&body, at) {
-                    best = best.max(synced);
+                if let Ok(m) = parse_sync_marker(&body, at) {
+                    best.synced_to = best.synced_to.max(m.synced_to);
+                    best.prev_sealed_len = best.prev_sealed_len.max(m.prev_sealed_len);
                 }
             }
         }
@@ -367,7 +374,9 @@ pub(super) fn scan_source<S: Source>(
             Found::Bad(reason, extent) => {
                 if !tolerate_any {
                     let later = markers_after(id, pos, &mut win)?;
-                    parts.records.synced_to = parts.records.synced_to.max(later);
+                    let r = &mut parts.records;
+                    r.synced_to = r.synced_to.max(later.synced_to);
+                    r.prev_sealed_len = r.prev_sealed_len.max(later.prev_sealed_len);
                     parts.damage = Some(Damage {
                         offset: pos,
                         reason,
@@ -489,7 +498,14 @@ pub(super) fn scan_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{encode_sync_marker, seal_record, BodyBuilder};
+    use crate::codec::{encode_sync_marker, seal_record, BodyBuilder, SyncMarker};
+
+    fn marker(synced_to: u64) -> SyncMarker {
+        SyncMarker {
+            synced_to,
+            prev_sealed_len: 0,
+        }
+    }
     use crate::segment::encode_header;
 
     fn scan_bytes(id: u64, data: &[u8], tolerate_any: bool) -> ScanParts {
@@ -568,7 +584,7 @@ mod tests {
     #[test]
     fn markers_are_read_in_order_and_found_after_damage() {
         let (mut data, ends) = segment_with_records(3, 3);
-        data.extend_from_slice(&encode_sync_marker(3, ends[1]));
+        data.extend_from_slice(&encode_sync_marker(3, marker(ends[1])));
         let marked = data.len() as u64;
         let p = scan_bytes(3, &data, false);
         assert_eq!(
@@ -585,8 +601,8 @@ mod tests {
         assert_eq!(p.records.synced_to, ends[1]);
         // A marker of another segment, or one vouching for bytes after itself, counts for nothing.
         let (mut data, ends) = segment_with_records(3, 2);
-        data.extend_from_slice(&encode_sync_marker(4, ends[1]));
-        data.extend_from_slice(&encode_sync_marker(3, ends[1] + 100));
+        data.extend_from_slice(&encode_sync_marker(4, marker(ends[1])));
+        data.extend_from_slice(&encode_sync_marker(3, marker(ends[1] + 100)));
         let p = scan_bytes(3, &data, false);
         assert_eq!(p.records.synced_to, 0);
         assert_eq!(p.damage.map(|d| d.offset), Some(ends[1]));

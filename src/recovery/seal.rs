@@ -13,7 +13,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::codec::{encode_sync_marker, SYNC_MARKER_LEN};
+use crate::codec::{encode_sync_marker, SyncMarker, SYNC_MARKER_LEN};
 use crate::error::{Error, Result};
 use crate::fs::{FileSystem, FsFile};
 use crate::segment::SEGMENT_HEADER_LEN;
@@ -125,7 +125,11 @@ pub(crate) fn seal_clean_shutdown(
     let mut sealed = len;
     if len > SEGMENT_HEADER_LEN {
         // An empty segment gets no marker: it stays empty, so the next open reuses it.
-        file.write_all_at(&encode_sync_marker(segment, len), len)
+        let marker = SyncMarker {
+            synced_to: len,
+            prev_sealed_len: 0,
+        };
+        file.write_all_at(&encode_sync_marker(segment, marker), len)
             .map_err(|e| Error::io(what("writing the final sync marker of"), e))?;
         file.sync_data()
             .map_err(|e| Error::io(what("syncing the final sync marker of"), e))?;
@@ -159,13 +163,17 @@ pub(crate) fn store(fs: &dyn FileSystem, dir: &Path, seal: Seal) -> Result<()> {
         .map_err(|e| Error::io("syncing the directory after the seal file", e))
 }
 
-/// The write path's durable point: the highest (segment, offset) a successful fdatasync has
-/// covered, and the highest one already declared by a marker. Lock-free: `synced` is raised by
-/// whichever thread ran the fdatasync; `marker_due` is called by the writer holding the log lock.
+/// The write path's durable points: the highest (segment, offset) a successful fdatasync has
+/// covered, the last segment sealed by a rotation and its length, and what markers already
+/// declared. Lock-free: `synced` is raised by whichever thread ran the fdatasync, `sealed` by the
+/// rotation; `marker_due` is called by the writer holding the log lock.
 #[derive(Debug, Default)]
 pub(crate) struct SyncPoint {
     synced: AtomicU64,
     marked: AtomicU64,
+    sealed: AtomicU64,
+    /// The segment whose marker has declared the previous segment's sealed length.
+    sealed_declared_in: AtomicU64,
 }
 
 /// (segment, offset) packed so that packed order is (segment, offset) order. Segment ids and
@@ -178,6 +186,10 @@ fn pack(segment: u64, offset: u64) -> u64 {
     }
 }
 
+fn unpack(p: u64) -> (u64, u64) {
+    (p >> 32, p & u64::from(u32::MAX))
+}
+
 impl SyncPoint {
     /// Records that an fdatasync of `segment`, started when its data ended at `offset`, has
     /// returned `Ok` (and no earlier fsync failed: the caller only calls this for a believed
@@ -187,21 +199,39 @@ impl SyncPoint {
             .fetch_max(pack(segment, offset), Ordering::AcqRel);
     }
 
+    /// Records that a rotation cut `segment` to `len` bytes and fdatasynced it; the first
+    /// write into the next segment then declares that length.
+    pub(crate) fn rotated(&self, segment: u64, len: u64) {
+        self.sealed.fetch_max(pack(segment, len), Ordering::AcqRel);
+    }
+
     /// Called by the writer holding the log lock, about to write at `offset` of `segment`: the
     /// sync marker to write first (a complete, sealed record), if an fsync has advanced this
-    /// segment's durable point since the last marker.
+    /// segment's durable point since the last marker, or if this segment has not yet declared
+    /// the sealed length of the one before it.
     pub(crate) fn marker_due(&self, segment: u64, offset: u64) -> Option<Vec<u8>> {
         let synced = self.synced.load(Ordering::Acquire);
-        let synced_to = synced & u64::from(u32::MAX);
-        if synced >> 32 != segment
-            || synced <= self.marked.load(Ordering::Relaxed)
-            || synced_to <= SEGMENT_HEADER_LEN
-            || synced_to > offset
-        {
+        let (synced_seg, synced_to) = unpack(synced);
+        let here = synced_seg == segment && synced_to > SEGMENT_HEADER_LEN && synced_to <= offset;
+        let advanced = here && synced > self.marked.load(Ordering::Relaxed);
+        let (sealed_seg, sealed_len) = unpack(self.sealed.load(Ordering::Acquire));
+        let declare_prev = sealed_len > 0
+            && sealed_seg.checked_add(1) == Some(segment)
+            && self.sealed_declared_in.load(Ordering::Relaxed) != segment;
+        if !advanced && !declare_prev {
             return None;
         }
-        self.marked.store(synced, Ordering::Relaxed);
-        Some(encode_sync_marker(segment, synced_to))
+        if advanced {
+            self.marked.store(synced, Ordering::Relaxed);
+        }
+        if declare_prev {
+            self.sealed_declared_in.store(segment, Ordering::Relaxed);
+        }
+        let marker = SyncMarker {
+            synced_to: if here { synced_to } else { SEGMENT_HEADER_LEN },
+            prev_sealed_len: if declare_prev { sealed_len } else { 0 },
+        };
+        Some(encode_sync_marker(segment, marker))
     }
 }
 
@@ -244,6 +274,24 @@ mod tests {
         for cut in 0..b.len() {
             assert!(Seal::decode(&b[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn the_first_write_after_a_rotation_declares_the_sealed_length() {
+        let p = SyncPoint::default();
+        p.rotated(3, 4000);
+        assert!(p.marker_due(5, 32).is_none(), "not the next segment");
+        let m = p.marker_due(4, 32).unwrap();
+        let body = &m[crate::codec::RECORD_HEADER_LEN..];
+        let got = crate::codec::parse_sync_marker(body, 32).unwrap();
+        assert_eq!(
+            got,
+            SyncMarker {
+                synced_to: 32,
+                prev_sealed_len: 4000
+            }
+        );
+        assert!(p.marker_due(4, 100).is_none(), "declared once");
     }
 
     #[test]

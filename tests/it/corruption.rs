@@ -24,6 +24,8 @@ use crate::crash_explorer::{
 const SEED: u64 = 0xC022_0000;
 const SEGMENT_SIZE: u64 = 4096;
 const HEADER_LEN: u64 = 32;
+/// Bytes of a sync marker record (docs/FORMAT.md).
+const MARKER_LEN: u64 = 40;
 
 /// One write into a segment file, as recorded.
 #[derive(Debug, Clone)]
@@ -393,11 +395,11 @@ fn truncate_at_every_byte_of_the_last_three_records() {
             "the last records are the final batches"
         );
         let name = seg_name(rec.segment);
-        // A write may open with a sync marker (32 bytes, flags byte 2) before its record: a cut
+        // A write may open with a sync marker (40 bytes, flags byte 2) before its record: a cut
         // right after the marker is a clean record boundary.
         let bytes = &fx.unclean[&name];
-        let marked = rec.len > 32 && bytes[rec.offset as usize + 8] == 2;
-        let body_at = rec.offset + if marked { 32 } else { 0 };
+        let marked = rec.len > MARKER_LEN && bytes[rec.offset as usize + 8] == 2;
+        let body_at = rec.offset + if marked { MARKER_LEN } else { 0 };
         for cut in rec.offset..rec.offset + rec.len {
             sweep.cases += 1;
             let ctx = format!(

@@ -368,9 +368,9 @@ fn cutting_the_last_record_at_every_byte_recovers_the_last_whole_batch() {
     let segs = segment_files(dir.path());
     let data = std::fs::read(&segs[0]).unwrap();
     let last_rec_len = 16 + 1 + (1 + 1 + 1 + 1 + 1) * 2 + 50;
-    // The clean shutdown cut the segment after its final sync marker (32 bytes), which follows
+    // The clean shutdown cut the segment after its final sync marker (40 bytes), which follows
     // the last record.
-    let end = data.len() - 32;
+    let end = data.len() - 40;
     let start = end - last_rec_len;
     for cut in start..end {
         let copy = tempfile::tempdir().unwrap();
