@@ -6,6 +6,8 @@
 //! into (or left over in) another segment never passes. Decoding never trusts a length: every
 //! length is checked against the bytes actually present before anything is sliced or allocated.
 
+#![deny(clippy::indexing_slicing, clippy::cast_possible_truncation)]
+
 use crate::options::MAX_RECORD_BYTES;
 
 /// Bytes of a record header.
@@ -54,10 +56,15 @@ impl std::fmt::Display for DecodeError {
 /// Appends `v` as LEB128.
 pub fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
-        buf.push((v as u8) | 0x80);
+        buf.push(low7(v) | 0x80);
         v >>= 7;
     }
-    buf.push(v as u8);
+    buf.push(low7(v));
+}
+
+/// The low 7 bits of `v`.
+fn low7(v: u64) -> u8 {
+    u8::try_from(v & 0x7f).unwrap_or(0)
 }
 
 /// Bytes `v` takes as LEB128.
@@ -120,12 +127,13 @@ impl<'a> Reader<'a> {
 
     /// Takes `len` bytes.
     pub fn take(&mut self, len: u64) -> Result<&'a [u8], DecodeError> {
-        if len > self.remaining() as u64 {
-            return Err(DecodeError::Truncated);
-        }
-        let start = self.pos;
-        self.pos += len as usize;
-        Ok(&self.buf[start..self.pos])
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|n| self.pos.checked_add(n))
+            .ok_or(DecodeError::Truncated)?;
+        let bytes = self.buf.get(self.pos..end).ok_or(DecodeError::Truncated)?;
+        self.pos = end;
+        Ok(bytes)
     }
 }
 
@@ -210,6 +218,7 @@ pub struct SyncMarker {
 /// length against `prev_sealed_len`.
 pub(crate) fn encode_sync_marker(segment: u64, marker: SyncMarker) -> Vec<u8> {
     let mut out = Vec::with_capacity(SYNC_MARKER_LEN);
+    #[expect(clippy::cast_possible_truncation, reason = "a constant of 24 bytes")]
     let body_len = SYNC_MARKER_BODY_LEN as u32;
     out.extend_from_slice(&body_len.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
@@ -263,11 +272,16 @@ pub fn verify_record<'a>(
     if record_crc(segment, record) != header.crc {
         return Err(DecodeError::Checksum);
     }
-    let body = &record[RECORD_HEADER_LEN..];
+    let body = record
+        .get(RECORD_HEADER_LEN..)
+        .ok_or(DecodeError::Truncated)?;
     if header.flags & FLAG_LZ4 != 0 {
-        let raw = lz4_flex::block::decompress(body, header.raw_len as usize)
+        // `raw_len` was checked against the largest record (1 GiB) by `RecordHeader::parse`.
+        let raw_len = usize::try_from(header.raw_len)
+            .map_err(|_| DecodeError::Invalid("record raw length"))?;
+        let raw = lz4_flex::block::decompress(body, raw_len)
             .map_err(|_| DecodeError::Invalid("lz4 block"))?;
-        if raw.len() != header.raw_len as usize {
+        if raw.len() != raw_len {
             return Err(DecodeError::Invalid("lz4 block length"));
         }
         Ok(std::borrow::Cow::Owned(raw))
@@ -403,9 +417,12 @@ impl Op<&[u8]> {
     }
 }
 
+/// A decoded body: its ops (borrowing the body) and the entry spans their appends point into.
+pub type Decoded<'a> = (Vec<Op<&'a [u8]>>, Vec<EntrySpan>);
+
 /// Decodes a raw body into its operations. Entry spans are checked to lie inside the payload
 /// area, in order and without overlap.
-pub fn decode_body(raw: &[u8]) -> Result<(Vec<Op<&[u8]>>, Vec<EntrySpan>), DecodeError> {
+pub fn decode_body(raw: &[u8]) -> Result<Decoded<'_>, DecodeError> {
     let mut ops = Vec::new();
     let mut spans = Vec::new();
     decode_body_into(raw, &mut spans, |op| ops.push(op))?;
@@ -458,17 +475,16 @@ fn decode_inner<'a>(
                     return Err(DecodeError::Invalid("entry index"));
                 }
                 let at = spans.len();
-                spans.reserve(n as usize);
+                // `n` is at most the bytes left in the body (checked above).
+                spans.reserve(usize::try_from(n).map_err(|_| DecodeError::Invalid("entry count"))?);
                 for _ in 0..n {
                     let len = r.varint()?;
-                    if len > u64::from(u32::MAX) {
-                        return Err(DecodeError::Invalid("entry length"));
-                    }
                     // Offsets are fixed up below, once the payload area's start is known.
-                    spans.push(EntrySpan {
-                        off: payload_total as u32,
-                        len: len as u32,
-                    });
+                    let (Ok(off), Ok(len32)) = (u32::try_from(payload_total), u32::try_from(len))
+                    else {
+                        return Err(DecodeError::Invalid("entry length"));
+                    };
+                    spans.push(EntrySpan { off, len: len32 });
                     payload_total += len;
                     if payload_total > raw.len() as u64 {
                         return Err(DecodeError::Invalid("entry length"));
@@ -514,8 +530,13 @@ fn decode_inner<'a>(
     if base + payload_total != raw.len() as u64 {
         return Err(DecodeError::Invalid("payload area length"));
     }
-    for s in &mut spans[spans_start..] {
-        s.off += base as u32;
+    // The body is at most 4 GiB (checked on entry), so every offset fits a u32.
+    let base = u32::try_from(base).map_err(|_| DecodeError::Invalid("body length"))?;
+    for s in spans.iter_mut().skip(spans_start) {
+        s.off = s
+            .off
+            .checked_add(base)
+            .ok_or(DecodeError::Invalid("entry offset"))?;
     }
     Ok(())
 }
@@ -540,10 +561,11 @@ impl BodyBuilder {
         let mut tmp_lens = Vec::new();
         for e in entries {
             let e = e.as_ref();
-            if e.len() as u64 > MAX_RECORD_BYTES {
-                return Err("entry larger than the largest record");
-            }
-            tmp_lens.push(e.len() as u32);
+            let len = u32::try_from(e.len())
+                .ok()
+                .filter(|&l| u64::from(l) <= MAX_RECORD_BYTES)
+                .ok_or("entry larger than the largest record")?;
+            tmp_lens.push(len);
             self.payload.extend_from_slice(e);
         }
         if tmp_lens.is_empty() {
@@ -619,10 +641,17 @@ impl BodyBuilder {
             out.extend_from_slice(&self.ops);
             out.extend_from_slice(&self.payload);
         }
-        let body_len = (out.len() - RECORD_HEADER_LEN) as u32;
-        out[0..4].copy_from_slice(&body_len.to_le_bytes());
-        out[8] = flags;
-        out[12..16].copy_from_slice(&(raw_len as u32).to_le_bytes());
+        // The write path refuses a body above the largest record (1 GiB) before encoding it;
+        // a length beyond u32 here would be a bug, and is written as 0, which never decodes.
+        let body_len = u32::try_from(out.len() - RECORD_HEADER_LEN).unwrap_or(0);
+        let raw_len = u32::try_from(raw_len).unwrap_or(0);
+        let mut header = [0u8; RECORD_HEADER_LEN];
+        header[0..4].copy_from_slice(&body_len.to_le_bytes());
+        header[8] = flags;
+        header[12..16].copy_from_slice(&raw_len.to_le_bytes());
+        for (o, h) in out.iter_mut().zip(header) {
+            *o = h;
+        }
         out
     }
 }
@@ -651,6 +680,11 @@ pub(crate) fn seal_record(record: &mut [u8], segment: u64) {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    reason = "tests index known fixtures"
+)]
 mod tests {
     use super::*;
 

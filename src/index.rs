@@ -442,6 +442,41 @@ mod tests {
     }
 
     #[test]
+    fn range_transitions_refuse_a_misfit_and_change_nothing() {
+        let mut r = Range { first: 10, len: 5 };
+        let append = |first| Op::<&[u8]>::Append {
+            group: 1,
+            first,
+            spans: 0..2,
+        };
+        assert!(r.apply(&append(16), 2).is_err());
+        assert_eq!(r, Range { first: 10, len: 5 });
+        r.apply(&append(12), 2).unwrap();
+        assert_eq!(r, Range { first: 10, len: 4 });
+        r.apply(
+            &Op::<&[u8]>::Purge {
+                group: 1,
+                index: 10,
+            },
+            0,
+        )
+        .unwrap();
+        assert_eq!(r, Range { first: 11, len: 3 });
+        r.apply(&Op::<&[u8]>::RemoveGroup { group: 1 }, 0).unwrap();
+        assert_eq!(r, Range::default());
+        // An empty group takes any index; apply_op refuses a misfit the same way.
+        let mut groups = HashMap::new();
+        let pos = RecordPos {
+            segment: 1,
+            rec_off: 32,
+            rec_len: 100,
+        };
+        apply_op(&mut groups, append(5), &spans(2), pos).unwrap();
+        assert!(apply_op(&mut groups, append(9), &spans(2), pos).is_err());
+        assert_eq!(groups[&1].entries.range(), Range { first: 5, len: 2 });
+    }
+
+    #[test]
     fn range_checks() {
         let r = Range { first: 10, len: 5 };
         assert!(r.check_append(15, 1).is_ok());

@@ -17,6 +17,8 @@
 //! - No length read from disk is used to slice or allocate before it is checked against the
 //!   bytes present; no input makes recovery panic.
 
+#![deny(clippy::indexing_slicing, clippy::cast_possible_truncation)]
+
 pub(crate) mod replay;
 pub(crate) mod scan;
 pub(crate) mod seal;
@@ -390,6 +392,11 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    reason = "tests index known fixtures"
+)]
 mod tests {
     use super::*;
     use crate::checkpoint::GroupMeta;

@@ -496,6 +496,11 @@ pub(super) fn scan_all(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    reason = "tests index known fixtures"
+)]
 mod tests {
     use super::*;
     use crate::codec::{encode_sync_marker, seal_record, BodyBuilder, SyncMarker};

@@ -253,6 +253,11 @@ pub(crate) fn with_marker(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    reason = "tests index known fixtures"
+)]
 mod tests {
     use super::*;
 
