@@ -3,6 +3,7 @@
 //! - `simfs`: the simulated file system (durable vs live images, crashes, faults).
 //! - `crash_explorer`: crash at every I/O point of a scripted workload on the simulated FS.
 //! - `corruption`: truncation, bit flips, deleted, stray and stale files on real segment files.
+//! - `golden`: the checked-in version-1 data directory opens with identical content.
 //! - `faults`: EIO and ENOSPC injected at every call site.
 //! - `kill`: SIGKILL a child writer at random points, then check every acknowledged batch.
 //! - `prop_recovery`: seeded proptest of the fuzz inputs: hostile images never panic or lie.
@@ -16,6 +17,7 @@ mod corruption;
 mod crash_explorer;
 mod engine;
 mod faults;
+mod golden;
 mod kill;
 mod prop_recovery;
 #[cfg(feature = "openraft")]
