@@ -11,7 +11,8 @@
 //!   Only bytes past the last proven-durable point of the last segments may be cut as a torn
 //!   tail (TolerateTail), and a cut is truncated and synced so cut bytes never come back.
 //! - Before the engine takes writes, every segment whose accepted bytes were not proven durable
-//!   is fsynced: after a process kill they may still be only in the page cache.
+//!   is fsynced, and so is the directory: after a process kill they may still be only in the
+//!   page cache.
 //! - Records of segments below the checkpoint only position entries; the checkpoint supplies
 //!   metadata and the exact entry range each group must end up with.
 //! - No length read from disk is used to slice or allocate before it is checked against the
@@ -310,14 +311,13 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
     }
 
     // Every check passed: now repair the directory.
-    let mut dir_dirty = false;
+
     for name in &names {
         let segment_tmp =
             name.ends_with(TMP_EXT) && name.ends_with(&format!("{SEGMENT_EXT}{TMP_EXT}"));
         if segment_tmp || checkpoint::is_temp(name) || name == seal::SEAL_TMP {
             fs.remove(&dir.join(name))
                 .map_err(|e| Error::io(format!("removing leftover {name}"), e))?;
-            dir_dirty = true;
         }
     }
     for (i, (s, &point)) in scans.iter().zip(&durable).enumerate() {
@@ -356,12 +356,12 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         fs.remove(&dir.join(&name))
             .map_err(|e| Error::io(format!("removing dead segment {id}"), e))?;
         report.stale_removed.push(id);
-        dir_dirty = true;
     }
-    if dir_dirty {
-        fs.sync_dir(dir)
-            .map_err(|e| Error::io("syncing the data directory after recovery", e))?;
-    }
+    // Always, not only after removals: the names recovery read (a segment renamed into place,
+    // a removal) may be those of a killed process that never synced the directory; the engine
+    // is about to rely on them (it reuses empty segments), so they must be durable first.
+    fs.sync_dir(dir)
+        .map_err(|e| Error::io("syncing the data directory after recovery", e))?;
 
     for g in groups.values_mut() {
         g.entries.shrink_to_fit();
