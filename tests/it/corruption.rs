@@ -807,7 +807,7 @@ fn check_full(
 
 /// Every single fault the sweeps of a cleanly closed directory try, on `img`: `flips` random
 /// bit flips anywhere in any file (segments, CHECKPOINT, SEAL), each file truncated at 0 and at
-/// 6 random points, every 512-byte sector of every file zeroed, garbage or zeros appended to
+/// 6 random points, every 512-byte sector and 4 KiB block of every file zeroed, garbage or zeros appended to
 /// each file, each file deleted. Returns (description, damaged image).
 pub fn single_faults(img: &Image, seed: u64, flips: usize) -> Vec<(String, Image)> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -842,12 +842,14 @@ pub fn single_faults(img: &Image, seed: u64, flips: usize) -> Vec<(String, Image
             d.get_mut(*name).unwrap().truncate(cut);
             out.push((format!("truncate {name} at {cut}"), d));
         }
-        for sector in 0..len.div_ceil(512) {
-            let mut d = img.clone();
-            let f = d.get_mut(*name).unwrap();
-            let end = (sector * 512 + 512).min(len);
-            f[sector * 512..end].fill(0);
-            out.push((format!("zero sector {sector} (512 B) of {name}"), d));
+        for block in [512, 4096] {
+            for i in 0..len.div_ceil(block) {
+                let mut d = img.clone();
+                let f = d.get_mut(*name).unwrap();
+                let end = (i * block + block).min(len);
+                f[i * block..end].fill(0);
+                out.push((format!("zero block {i} ({block} B) of {name}"), d));
+            }
         }
         let mut d = img.clone();
         let garbage: Vec<u8> = (0..rng.gen_range(1..100)).map(|_| rng.gen()).collect();

@@ -132,7 +132,10 @@ fn options(mode: RecoveryMode) -> Options {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_single_fault_through_the_openraft_adapter() -> anyhow::Result<()> {
     let started = Instant::now();
-    let groups = 24u64;
+    let groups: u64 = std::env::var("MRWAL_SWEEP_GROUPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
     let flips = std::env::var("MRWAL_SWEEP_FLIPS")
         .ok()
         .and_then(|v| v.parse().ok())
