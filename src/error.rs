@@ -76,8 +76,8 @@ pub enum Error {
         /// The lock file.
         path: PathBuf,
     },
-    /// The disk is full. Nothing of the failed write was acknowledged; writes may resume once
-    /// space is freed.
+    /// The disk is full (ENOSPC) or the quota is exhausted (EDQUOT). Nothing of the failed
+    /// write was acknowledged; writes may resume once space is freed.
     #[error("no space left on device while {context}")]
     NoSpace {
         /// What the engine was doing.
