@@ -150,8 +150,12 @@ async fn every_single_fault_through_the_openraft_adapter() -> anyhow::Result<()>
         for group in 1..=groups {
             let mut store = Store::new(engine.clone(), group);
             expected.insert(group, history(&mut rng, &mut store, group).await?);
+            // A GC half way (a checkpoint, rewrites); the later histories fill the last
+            // segments, where a torn-tail cut would drop acknowledged operations.
+            if group == groups / 2 {
+                engine.gc()?;
+            }
         }
-        engine.gc()?;
         for (&g, exp) in &expected {
             assert_eq!(&read_group(&engine, g).await?, exp, "group {g} live");
         }
@@ -178,6 +182,7 @@ async fn every_single_fault_through_the_openraft_adapter() -> anyhow::Result<()>
             Ok(Ok(e)) => e,
         };
         let mut read_error = false;
+        let failures_before = t.failures.len();
         for (&g, exp) in &expected {
             let got = AssertUnwindSafe(read_group(&engine, g))
                 .catch_unwind()
@@ -203,7 +208,7 @@ async fn every_single_fault_through_the_openraft_adapter() -> anyhow::Result<()>
         }
         if read_error {
             *t.errors.entry("Corruption (at read)").or_default() += 1;
-        } else {
+        } else if t.failures.len() == failures_before {
             t.unchanged += 1;
         }
     }
