@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::fs::{DirLock, FileSystem, FsFile};
 use crate::index::{EntryLoc, Group, Groups, Range, Run};
 use crate::options::{Options, MAX_RECORD_BYTES};
-use crate::recovery::{recover, seal_clean_shutdown, with_marker, RecoveryReport, SyncPoint};
+use crate::recovery::{recover, seal_clean_shutdown, write_with_marker, RecoveryReport, SyncPoint};
 use crate::segment::{create_segment, prefill_segment, segment_name, SEGMENT_HEADER_LEN};
 
 /// Name of the lock file in the data directory.
@@ -424,20 +424,23 @@ impl Inner {
             Some((segment, crc)) if segment == log.segment => set_crc(record, crc),
             _ => seal_record(record, log.segment),
         }
-        // A sync marker first if an fsync advanced the durable point (same write).
+        // A sync marker first if an fsync advanced the durable point.
         let marker = self.sync_point.marker_due(log.segment, log.offset);
-        let (bytes, rec_at) = with_marker(marker, record);
-        if let Err(e) = log.file.write_all_at(&bytes, log.offset) {
-            let err = Error::io(format!("writing to segment {}", log.segment), e);
-            if matches!(err, Error::NoSpace { .. }) {
-                // Cut whatever prefix reached the file so that no partial record stays behind the
-                // next one; if even that fails, the segment's tail is unknown: poison.
-                if log.file.set_len(log.offset).is_ok() {
-                    return Err(err);
+        let written = write_with_marker(log.file.as_ref(), marker, record, log.offset);
+        let rec_at = match written {
+            Ok(rec_at) => rec_at,
+            Err(e) => {
+                let err = Error::io(format!("writing to segment {}", log.segment), e);
+                if matches!(err, Error::NoSpace { .. }) {
+                    // Cut whatever prefix reached the file so that no partial record stays behind
+                    // the next one; if even that fails, the segment's tail is unknown: poison.
+                    if log.file.set_len(log.offset).is_ok() {
+                        return Err(err);
+                    }
                 }
+                return Err(self.fail(err));
             }
-            return Err(self.fail(err));
-        }
+        };
         log.offset += rec_at;
         apply(
             &self.groups,

@@ -37,7 +37,7 @@ use crate::options::{Options, RecoveryMode};
 use crate::segment::{parse_segment_name, SEGMENT_EXT, SEGMENT_HEADER_LEN, TMP_EXT};
 
 pub(crate) use scan::scan_records;
-pub(crate) use seal::{seal_clean_shutdown, with_marker, SyncPoint};
+pub(crate) use seal::{seal_clean_shutdown, write_with_marker, SyncPoint};
 
 use replay::{replay_segment, segment_u32, OldReplay};
 use scan::{scan_all, SegmentScan};

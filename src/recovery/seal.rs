@@ -235,21 +235,34 @@ impl SyncPoint {
     }
 }
 
-/// The bytes to write for a record, with a due marker first (one write, no extra syscall), and
-/// the offset of the record itself relative to the write's start. For a pipeline that gathers a
-/// write group into one buffer: put the marker at the buffer's front.
-pub(crate) fn with_marker(
+/// Records up to this size are copied behind a due marker and written with it in one call;
+/// larger ones are written by a second call (a syscall costs less than copying them).
+const COPY_BEHIND_MARKER: usize = 64 << 10;
+
+/// Writes `record` at `offset` of `file`, preceded by `marker` if one is due; returns the
+/// record's offset relative to `offset` (the marker's length, or 0). A failure may leave a
+/// prefix of the marker and record behind: the caller cuts the file back to `offset`, as for
+/// any failed write. For a pipeline that gathers a write group into one buffer: put the marker
+/// at the buffer's front instead.
+pub(crate) fn write_with_marker(
+    file: &dyn FsFile,
     marker: Option<Vec<u8>>,
     record: &[u8],
-) -> (std::borrow::Cow<'_, [u8]>, u64) {
-    match marker {
-        Some(mut m) => {
-            let at = m.len() as u64;
-            m.extend_from_slice(record);
-            (std::borrow::Cow::Owned(m), at)
-        }
-        None => (std::borrow::Cow::Borrowed(record), 0),
+    offset: u64,
+) -> std::io::Result<u64> {
+    let Some(mut m) = marker else {
+        file.write_all_at(record, offset)?;
+        return Ok(0);
+    };
+    let at = m.len() as u64;
+    if record.len() <= COPY_BEHIND_MARKER {
+        m.extend_from_slice(record);
+        file.write_all_at(&m, offset)?;
+    } else {
+        file.write_all_at(&m, offset)?;
+        file.write_all_at(record, offset + at)?;
     }
+    Ok(at)
 }
 
 #[cfg(test)]

@@ -168,3 +168,41 @@ fn edquot_is_no_space_and_does_not_poison() {
     engine.write(b).unwrap();
     assert_eq!(entries(&engine, 1), vec![b"one".to_vec(), b"two".to_vec()]);
 }
+
+/// A record larger than the writer copies behind a sync marker is written after it by a second
+/// call; the marker still vouches for what was synced before it: damage there, after a kill,
+/// is corruption, not a tail to cut.
+#[test]
+fn a_marker_before_a_large_record_vouches_for_the_synced_bytes() {
+    let fs = SimFs::new();
+    let opts = |fs: &SimFs| {
+        sim_options(fs, false)
+            .segment_size(1 << 20)
+            .compression_threshold(1 << 30)
+    };
+    let engine = Engine::open(DIR, opts(&fs)).unwrap();
+    let mut b = WriteBatch::new();
+    b.append(1, 1, [b"small, synced"]);
+    engine.write(b).unwrap();
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut b = WriteBatch::new();
+    b.append(1, 2, [&big]);
+    engine.write(b).unwrap();
+    let killed = fs.kill_image();
+    drop(engine);
+    let seg = Path::new(DIR).join(format!("{:016x}.wal", 1));
+    let engine = Engine::open(DIR, opts(&killed.crash_image(CrashVariant::KeepAll, 0))).unwrap();
+    assert_eq!(entries(&engine, 1), vec![b"small, synced".to_vec(), big]);
+    drop(engine);
+    let mut bytes = killed.read_file(&seg).unwrap();
+    bytes[32 + 20] ^= 1;
+    killed.overwrite_file(&seg, bytes).unwrap();
+    match Engine::open(DIR, opts(&killed)) {
+        Err(Error::Corruption {
+            segment: 1,
+            offset: 32,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+}
