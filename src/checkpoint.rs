@@ -7,6 +7,8 @@
 //! - It is made durable before any segment it makes deletable is removed, so whatever recovery
 //!   needs from a deleted segment (first index, vote, committed, keys) is in the checkpoint.
 
+#![deny(clippy::indexing_slicing, clippy::cast_possible_truncation)]
+
 use std::path::Path;
 
 use crate::codec::Reader;
@@ -41,7 +43,12 @@ pub(crate) struct Checkpoint {
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "keys, values, votes and committed markers came from records of at most 1 GiB"
+    )]
+    let len = b.len() as u32;
+    out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(b);
 }
 
@@ -57,7 +64,8 @@ fn put_opt(out: &mut Vec<u8>, b: &Option<Box<[u8]>>) {
 
 fn u32_at(r: &mut Reader<'_>) -> std::result::Result<u32, String> {
     let b = r.take(4).map_err(|e| e.to_string())?;
-    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    let b = b.first_chunk::<4>().ok_or("truncated")?;
+    Ok(u32::from_le_bytes(*b))
 }
 
 fn u64_at(r: &mut Reader<'_>) -> std::result::Result<u64, String> {
@@ -113,8 +121,10 @@ impl Checkpoint {
         if bytes.len() < 36 {
             return Err("shorter than its fixed fields".into());
         }
-        let (body, crc) = bytes.split_at(bytes.len() - 4);
-        if crc32c::crc32c(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+        let (body, crc) = bytes
+            .split_last_chunk::<4>()
+            .ok_or("shorter than its checksum")?;
+        if crc32c::crc32c(body) != u32::from_le_bytes(*crc) {
             return Err("checksum mismatch".into());
         }
         let mut r = Reader::new(body);
@@ -130,7 +140,9 @@ impl Checkpoint {
         if n > r.remaining() as u64 / 8 {
             return Err("survivor count exceeds the file".into());
         }
-        let mut survivors = Vec::with_capacity(n as usize);
+        // Counts are bounded by the bytes present (checked above), so they fit in memory.
+        let cap = |n: u64| usize::try_from(n).unwrap_or(0);
+        let mut survivors = Vec::with_capacity(cap(n));
         for _ in 0..n {
             survivors.push(u64_at(&mut r)?);
         }
@@ -138,7 +150,7 @@ impl Checkpoint {
         if n > r.remaining() as u64 / 34 {
             return Err("group count exceeds the file".into());
         }
-        let mut groups = Vec::with_capacity(n as usize);
+        let mut groups = Vec::with_capacity(cap(n));
         for _ in 0..n {
             let id = u64_at(&mut r)?;
             let first = u64_at(&mut r)?;
@@ -152,7 +164,7 @@ impl Checkpoint {
             if kvs > r.remaining() as u64 / 8 {
                 return Err(format!("group {id} key count exceeds the file"));
             }
-            let mut kv = Vec::with_capacity(kvs as usize);
+            let mut kv = Vec::with_capacity(cap(kvs));
             for _ in 0..kvs {
                 let k = bytes_at(&mut r)?;
                 let v = bytes_at(&mut r)?;
@@ -221,7 +233,11 @@ impl Checkpoint {
                 reason: format!("implausible size {len}"),
             });
         }
-        let mut bytes = vec![0u8; len as usize];
+        let len = usize::try_from(len).map_err(|_| Error::Checkpoint {
+            path: path.clone(),
+            reason: format!("size {len} does not fit in memory"),
+        })?;
+        let mut bytes = vec![0u8; len];
         file.read_exact_at(&mut bytes, 0)
             .map_err(|e| Error::io("reading checkpoint", e))?;
         Checkpoint::decode(&bytes)
@@ -236,6 +252,7 @@ pub(crate) fn is_temp(name: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, reason = "tests index known fixtures")]
 mod tests {
     use super::*;
 

@@ -6,12 +6,22 @@
 //! into (or left over in) another segment never passes. Decoding never trusts a length: every
 //! length is checked against the bytes actually present before anything is sliced or allocated.
 
+#![deny(clippy::indexing_slicing, clippy::cast_possible_truncation)]
+
 use crate::options::MAX_RECORD_BYTES;
 
 /// Bytes of a record header.
 pub const RECORD_HEADER_LEN: usize = 16;
 /// Header flag: the body is lz4 block-compressed.
 pub const FLAG_LZ4: u8 = 1;
+/// Header flag: the record is a sync marker (see [`encode_sync_marker`]), not a batch.
+pub const FLAG_SYNC_MARKER: u8 = 2;
+/// Magic bytes opening a sync marker's body.
+pub const SYNC_MARKER_MAGIC: [u8; 8] = *b"MRWALSYN";
+/// Bytes of a sync marker's body: the magic, `synced_to` and `prev_sealed_len`.
+pub const SYNC_MARKER_BODY_LEN: usize = 24;
+/// Bytes of a whole sync marker record.
+pub const SYNC_MARKER_LEN: usize = RECORD_HEADER_LEN + SYNC_MARKER_BODY_LEN;
 
 const OP_APPEND: u8 = 1;
 const OP_TRUNCATE: u8 = 2;
@@ -46,10 +56,15 @@ impl std::fmt::Display for DecodeError {
 /// Appends `v` as LEB128.
 pub fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
-        buf.push((v as u8) | 0x80);
+        buf.push(low7(v) | 0x80);
         v >>= 7;
     }
-    buf.push(v as u8);
+    buf.push(low7(v));
+}
+
+/// The low 7 bits of `v`.
+fn low7(v: u64) -> u8 {
+    u8::try_from(v & 0x7f).unwrap_or(0)
 }
 
 /// Bytes `v` takes as LEB128.
@@ -112,12 +127,13 @@ impl<'a> Reader<'a> {
 
     /// Takes `len` bytes.
     pub fn take(&mut self, len: u64) -> Result<&'a [u8], DecodeError> {
-        if len > self.remaining() as u64 {
-            return Err(DecodeError::Truncated);
-        }
-        let start = self.pos;
-        self.pos += len as usize;
-        Ok(&self.buf[start..self.pos])
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|n| self.pos.checked_add(n))
+            .ok_or(DecodeError::Truncated)?;
+        let bytes = self.buf.get(self.pos..end).ok_or(DecodeError::Truncated)?;
+        self.pos = end;
+        Ok(bytes)
     }
 }
 
@@ -152,13 +168,25 @@ impl RecordHeader {
         if u64::from(h.raw_len) > MAX_RECORD_BYTES || h.raw_len == 0 {
             return Err(DecodeError::Invalid("record raw length"));
         }
-        if h.flags & !FLAG_LZ4 != 0 || b[9] != 0 || b[10] != 0 || b[11] != 0 {
+        if !matches!(h.flags, 0 | FLAG_LZ4 | FLAG_SYNC_MARKER)
+            || b[9] != 0
+            || b[10] != 0
+            || b[11] != 0
+        {
             return Err(DecodeError::Invalid("record flags"));
         }
         if h.flags & FLAG_LZ4 == 0 && h.raw_len != h.body_len {
             return Err(DecodeError::Invalid("record raw length"));
         }
+        if h.is_sync_marker() && h.body_len as usize != SYNC_MARKER_BODY_LEN {
+            return Err(DecodeError::Invalid("sync marker length"));
+        }
         Ok(Some(h))
+    }
+
+    /// Whether the record is a sync marker rather than a batch.
+    pub fn is_sync_marker(&self) -> bool {
+        self.flags == FLAG_SYNC_MARKER
     }
 
     /// Total bytes of the record, header included.
@@ -174,6 +202,63 @@ pub fn record_crc(segment: u64, record: &[u8]) -> u32 {
     crc32c::crc32c_append(seed, record.get(8..).unwrap_or_default())
 }
 
+/// What a sync marker declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SyncMarker {
+    /// Bytes `[SEGMENT_HEADER_LEN, synced_to)` of the marker's segment had been fdatasynced
+    /// (successfully) before the marker was written.
+    pub synced_to: u64,
+    /// If not 0: the previous segment (id - 1) was sealed at exactly this length (cut to its
+    /// last record and fdatasynced) before this segment took its first record.
+    pub prev_sealed_len: u64,
+}
+
+/// A complete, sealed sync marker record for segment `segment` (see [`SyncMarker`]). Recovery
+/// never cuts damage below an intact marker's `synced_to`, and checks the previous segment's
+/// length against `prev_sealed_len`.
+pub(crate) fn encode_sync_marker(segment: u64, marker: SyncMarker) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SYNC_MARKER_LEN);
+    #[expect(clippy::cast_possible_truncation, reason = "a constant of 24 bytes")]
+    let body_len = SYNC_MARKER_BODY_LEN as u32;
+    out.extend_from_slice(&body_len.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&[FLAG_SYNC_MARKER, 0, 0, 0]);
+    out.extend_from_slice(&body_len.to_le_bytes());
+    out.extend_from_slice(&SYNC_MARKER_MAGIC);
+    out.extend_from_slice(&marker.synced_to.to_le_bytes());
+    out.extend_from_slice(&marker.prev_sealed_len.to_le_bytes());
+    seal_record(&mut out, segment);
+    out
+}
+
+/// Decodes a verified sync marker's body found at offset `at`; `synced_to` must lie between the
+/// segment header and `at` (a marker cannot vouch for bytes written after it).
+pub fn parse_sync_marker(body: &[u8], at: u64) -> Result<SyncMarker, DecodeError> {
+    let mut r = Reader::new(body);
+    if r.take(8)? != SYNC_MARKER_MAGIC {
+        return Err(DecodeError::Invalid("sync marker magic"));
+    }
+    let mut u64_le = || -> Result<u64, DecodeError> {
+        let b = r
+            .take(8)?
+            .first_chunk::<8>()
+            .ok_or(DecodeError::Truncated)?;
+        Ok(u64::from_le_bytes(*b))
+    };
+    let synced_to = u64_le()?;
+    let prev_sealed_len = u64_le()?;
+    if synced_to < crate::segment::SEGMENT_HEADER_LEN || synced_to > at {
+        return Err(DecodeError::Invalid("sync marker offset"));
+    }
+    if prev_sealed_len != 0 && prev_sealed_len < crate::segment::SEGMENT_HEADER_LEN {
+        return Err(DecodeError::Invalid("sync marker sealed length"));
+    }
+    Ok(SyncMarker {
+        synced_to,
+        prev_sealed_len,
+    })
+}
+
 /// Checks a whole record (header + stored body) read from segment `segment` and returns its raw
 /// (decompressed) body.
 pub fn verify_record<'a>(
@@ -187,11 +272,16 @@ pub fn verify_record<'a>(
     if record_crc(segment, record) != header.crc {
         return Err(DecodeError::Checksum);
     }
-    let body = &record[RECORD_HEADER_LEN..];
+    let body = record
+        .get(RECORD_HEADER_LEN..)
+        .ok_or(DecodeError::Truncated)?;
     if header.flags & FLAG_LZ4 != 0 {
-        let raw = lz4_flex::block::decompress(body, header.raw_len as usize)
+        // `raw_len` was checked against the largest record (1 GiB) by `RecordHeader::parse`.
+        let raw_len = usize::try_from(header.raw_len)
+            .map_err(|_| DecodeError::Invalid("record raw length"))?;
+        let raw = lz4_flex::block::decompress(body, raw_len)
             .map_err(|_| DecodeError::Invalid("lz4 block"))?;
-        if raw.len() != header.raw_len as usize {
+        if raw.len() != raw_len {
             return Err(DecodeError::Invalid("lz4 block length"));
         }
         Ok(std::borrow::Cow::Owned(raw))
@@ -209,9 +299,11 @@ pub struct EntrySpan {
     pub len: u32,
 }
 
-/// One operation of a batch, as decoded from a raw body.
+/// One operation of a batch: the one operation type of the crate. Decoding yields
+/// `Op<&[u8]>` borrowing the record's body; replay keeps `Op<Box<[u8]>>`
+/// ([`Op::into_owned`]); both are applied to the index by `index::apply_op`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op<'a> {
+pub enum Op<B> {
     /// Entries `first..first + spans.len()` of `group`.
     Append {
         /// Group id.
@@ -240,30 +332,30 @@ pub enum Op<'a> {
         /// Group id.
         group: u64,
         /// Key.
-        key: &'a [u8],
+        key: B,
         /// Value.
-        value: &'a [u8],
+        value: B,
     },
     /// Delete a key.
     Delete {
         /// Group id.
         group: u64,
         /// Key.
-        key: &'a [u8],
+        key: B,
     },
     /// Set the vote.
     Vote {
         /// Group id.
         group: u64,
         /// Opaque vote bytes.
-        value: &'a [u8],
+        value: B,
     },
     /// Set the committed marker.
     Committed {
         /// Group id.
         group: u64,
         /// Opaque committed bytes.
-        value: &'a [u8],
+        value: B,
     },
     /// Drop the whole group.
     RemoveGroup {
@@ -272,9 +364,65 @@ pub enum Op<'a> {
     },
 }
 
+impl<B> Op<B> {
+    /// The group the op acts on.
+    pub fn group(&self) -> u64 {
+        match *self {
+            Op::Append { group, .. }
+            | Op::Truncate { group, .. }
+            | Op::Purge { group, .. }
+            | Op::Put { group, .. }
+            | Op::Delete { group, .. }
+            | Op::Vote { group, .. }
+            | Op::Committed { group, .. }
+            | Op::RemoveGroup { group } => group,
+        }
+    }
+}
+
+impl Op<&[u8]> {
+    /// The op with its byte fields copied out of the record body.
+    pub fn into_owned(self) -> Op<Box<[u8]>> {
+        match self {
+            Op::Append {
+                group,
+                first,
+                spans,
+            } => Op::Append {
+                group,
+                first,
+                spans,
+            },
+            Op::Truncate { group, index } => Op::Truncate { group, index },
+            Op::Purge { group, index } => Op::Purge { group, index },
+            Op::Put { group, key, value } => Op::Put {
+                group,
+                key: key.into(),
+                value: value.into(),
+            },
+            Op::Delete { group, key } => Op::Delete {
+                group,
+                key: key.into(),
+            },
+            Op::Vote { group, value } => Op::Vote {
+                group,
+                value: value.into(),
+            },
+            Op::Committed { group, value } => Op::Committed {
+                group,
+                value: value.into(),
+            },
+            Op::RemoveGroup { group } => Op::RemoveGroup { group },
+        }
+    }
+}
+
+/// A decoded body: its ops (borrowing the body) and the entry spans their appends point into.
+pub type Decoded<'a> = (Vec<Op<&'a [u8]>>, Vec<EntrySpan>);
+
 /// Decodes a raw body into its operations. Entry spans are checked to lie inside the payload
 /// area, in order and without overlap.
-pub fn decode_body(raw: &[u8]) -> Result<(Vec<Op<'_>>, Vec<EntrySpan>), DecodeError> {
+pub fn decode_body(raw: &[u8]) -> Result<Decoded<'_>, DecodeError> {
     let mut ops = Vec::new();
     let mut spans = Vec::new();
     decode_body_into(raw, &mut spans, |op| ops.push(op))?;
@@ -287,7 +435,7 @@ pub fn decode_body(raw: &[u8]) -> Result<(Vec<Op<'_>>, Vec<EntrySpan>), DecodeEr
 pub fn decode_body_into<'a>(
     raw: &'a [u8],
     spans: &mut Vec<EntrySpan>,
-    sink: impl FnMut(Op<'a>),
+    sink: impl FnMut(Op<&'a [u8]>),
 ) -> Result<(), DecodeError> {
     let start = spans.len();
     let r = decode_inner(raw, spans, sink);
@@ -300,7 +448,7 @@ pub fn decode_body_into<'a>(
 fn decode_inner<'a>(
     raw: &'a [u8],
     spans: &mut Vec<EntrySpan>,
-    mut sink: impl FnMut(Op<'a>),
+    mut sink: impl FnMut(Op<&'a [u8]>),
 ) -> Result<(), DecodeError> {
     if raw.len() > u32::MAX as usize {
         return Err(DecodeError::Invalid("body length"));
@@ -327,17 +475,16 @@ fn decode_inner<'a>(
                     return Err(DecodeError::Invalid("entry index"));
                 }
                 let at = spans.len();
-                spans.reserve(n as usize);
+                // `n` is at most the bytes left in the body (checked above).
+                spans.reserve(usize::try_from(n).map_err(|_| DecodeError::Invalid("entry count"))?);
                 for _ in 0..n {
                     let len = r.varint()?;
-                    if len > u64::from(u32::MAX) {
-                        return Err(DecodeError::Invalid("entry length"));
-                    }
                     // Offsets are fixed up below, once the payload area's start is known.
-                    spans.push(EntrySpan {
-                        off: payload_total as u32,
-                        len: len as u32,
-                    });
+                    let (Ok(off), Ok(len32)) = (u32::try_from(payload_total), u32::try_from(len))
+                    else {
+                        return Err(DecodeError::Invalid("entry length"));
+                    };
+                    spans.push(EntrySpan { off, len: len32 });
                     payload_total += len;
                     if payload_total > raw.len() as u64 {
                         return Err(DecodeError::Invalid("entry length"));
@@ -383,8 +530,13 @@ fn decode_inner<'a>(
     if base + payload_total != raw.len() as u64 {
         return Err(DecodeError::Invalid("payload area length"));
     }
-    for s in &mut spans[spans_start..] {
-        s.off += base as u32;
+    // The body is at most 4 GiB (checked on entry), so every offset fits a u32.
+    let base = u32::try_from(base).map_err(|_| DecodeError::Invalid("body length"))?;
+    for s in spans.iter_mut().skip(spans_start) {
+        s.off = s
+            .off
+            .checked_add(base)
+            .ok_or(DecodeError::Invalid("entry offset"))?;
     }
     Ok(())
 }
@@ -409,10 +561,11 @@ impl BodyBuilder {
         let mut tmp_lens = Vec::new();
         for e in entries {
             let e = e.as_ref();
-            if e.len() as u64 > MAX_RECORD_BYTES {
-                return Err("entry larger than the largest record");
-            }
-            tmp_lens.push(e.len() as u32);
+            let len = u32::try_from(e.len())
+                .ok()
+                .filter(|&l| u64::from(l) <= MAX_RECORD_BYTES)
+                .ok_or("entry larger than the largest record")?;
+            tmp_lens.push(len);
             self.payload.extend_from_slice(e);
         }
         if tmp_lens.is_empty() {
@@ -488,10 +641,17 @@ impl BodyBuilder {
             out.extend_from_slice(&self.ops);
             out.extend_from_slice(&self.payload);
         }
-        let body_len = (out.len() - RECORD_HEADER_LEN) as u32;
-        out[0..4].copy_from_slice(&body_len.to_le_bytes());
-        out[8] = flags;
-        out[12..16].copy_from_slice(&(raw_len as u32).to_le_bytes());
+        // The write path refuses a body above the largest record (1 GiB) before encoding it;
+        // a length beyond u32 here would be a bug, and is written as 0, which never decodes.
+        let body_len = u32::try_from(out.len() - RECORD_HEADER_LEN).unwrap_or(0);
+        let raw_len = u32::try_from(raw_len).unwrap_or(0);
+        let mut header = [0u8; RECORD_HEADER_LEN];
+        header[0..4].copy_from_slice(&body_len.to_le_bytes());
+        header[8] = flags;
+        header[12..16].copy_from_slice(&raw_len.to_le_bytes());
+        for (o, h) in out.iter_mut().zip(header) {
+            *o = h;
+        }
         out
     }
 }
@@ -520,6 +680,11 @@ pub(crate) fn seal_record(record: &mut [u8], segment: u64) {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    reason = "tests index known fixtures"
+)]
 mod tests {
     use super::*;
 
@@ -561,8 +726,8 @@ mod tests {
             ops[2],
             Op::Put {
                 group: 9,
-                key: b"k",
-                value: b"v"
+                key: &b"k"[..],
+                value: &b"v"[..]
             }
         );
         // The same bytes in another segment fail.

@@ -26,7 +26,7 @@ use crate::gc::GcState;
 use crate::index::{EntryLoc, Groups, Run, SegmentRefs};
 use crate::options::Options;
 use crate::pipeline::{pack_flushed, Durability, LogWriter, Queue, Tail};
-use crate::recovery::{recover, RecoveryReport};
+use crate::recovery::{recover, seal_clean_shutdown, RecoveryReport, SyncPoint};
 use crate::segment::{create_segment, segment_name, SEGMENT_HEADER_LEN};
 
 /// Name of the lock file in the data directory.
@@ -77,10 +77,12 @@ impl Drop for Handle {
             tracing::warn!(error = %e, "writing the tail at shutdown");
             return;
         }
-        let seal = |file: &dyn FsFile, len: u64| file.set_len(len).and_then(|()| file.sync_data());
-        if let Err(e) = seal(log.file.as_ref(), log.offset) {
+        // Sync, final sync marker, SEAL file: recovery then never takes damage here for a tail.
+        let (fs, dir) = (self.inner.fs.as_ref(), &self.inner.dir);
+        if let Err(e) = seal_clean_shutdown(fs, dir, log.segment, log.file.as_ref(), log.offset) {
             tracing::warn!(error = %e, "sealing the active segment at shutdown");
         }
+        let seal = |file: &dyn FsFile, len: u64| file.set_len(len).and_then(|()| file.sync_data());
         if let Some(file) = prepared {
             if let Err(e) = seal(file.as_ref(), SEGMENT_HEADER_LEN) {
                 tracing::warn!(error = %e, "trimming the prepared segment at shutdown");
@@ -112,6 +114,8 @@ pub(crate) struct Inner {
     pub(crate) gc_serial: Mutex<()>,
     /// The id of the segment receiving writes (a hint read outside the log lock).
     pub(crate) active_segment: AtomicU64,
+    /// Up to where fsyncs have made the active segment durable; drives the sync markers.
+    pub(crate) sync_point: SyncPoint,
     report: RecoveryReport,
     _lock: Box<dyn DirLock>,
 }
@@ -299,6 +303,7 @@ impl Engine {
             gc: GcState::default(),
             gc_serial: Mutex::new(()),
             active_segment: AtomicU64::new(segment),
+            sync_point: SyncPoint::default(),
             report: rec.report,
             _lock: lock,
             opts: options,

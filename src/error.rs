@@ -76,8 +76,8 @@ pub enum Error {
         /// The lock file.
         path: PathBuf,
     },
-    /// The disk is full. Nothing of the failed write was acknowledged; writes may resume once
-    /// space is freed.
+    /// The disk is full (ENOSPC) or the quota is exhausted (EDQUOT). Nothing of the failed
+    /// write was acknowledged; writes may resume once space is freed.
     #[error("no space left on device while {context}")]
     NoSpace {
         /// What the engine was doing.
@@ -94,7 +94,7 @@ pub enum Error {
 impl Error {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         let context = context.into();
-        if source.kind() == io::ErrorKind::StorageFull {
+        if is_no_space(&source) {
             return Error::NoSpace { context };
         }
         Error::Io { context, source }
@@ -106,5 +106,29 @@ impl Error {
             offset,
             reason: reason.into(),
         }
+    }
+}
+
+/// Whether an I/O error means the disk (or the user's quota on it) is full: ENOSPC or EDQUOT.
+/// Both leave the file system consistent and go away when space is freed, so neither poisons.
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enospc_and_edquot_are_no_space() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e = Error::io("writing", io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, Error::NoSpace { .. }), "errno {errno}: {e:?}");
+        }
+        let e = Error::io("writing", io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(e, Error::Io { .. }));
     }
 }

@@ -6,13 +6,16 @@
 //! - `runs` is sorted by `first` and each run names the record holding entries from its `first`
 //!   up to the next run's `first`; the front run may start before the group's `first` after a purge.
 //! - The same [`Range`] transitions decide both whether a batch is valid and how it is applied,
-//!   so validation and application cannot disagree.
+//!   so validation and application cannot disagree; [`apply_op`] is the one function that
+//!   applies an [`Op`] to a group, for the write path and for replay alike.
+//! - An append never "starts a group afresh": one that does not fit (it would leave a gap or
+//!   start before the group's first entry) is refused and changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use parking_lot::RwLock;
 
-use crate::codec::EntrySpan;
+use crate::codec::{EntrySpan, Op};
 
 /// The range of indexes a group holds: `first .. first + len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,10 +52,11 @@ impl Range {
         Ok(())
     }
 
-    /// The range after appending `count` entries at `index` (assumed checked, or replayed: a
-    /// replayed append that does not fit starts the group afresh).
-    pub(crate) fn append(&mut self, index: u64, count: u64) {
-        if self.check_append(index, count).is_err() || self.len == 0 {
+    /// The range after appending `count` entries at `index`; an append that does not fit (see
+    /// [`Self::check_append`]) is refused and leaves the range as it was.
+    pub(crate) fn try_append(&mut self, index: u64, count: u64) -> Result<(), String> {
+        self.check_append(index, count)?;
+        if self.len == 0 {
             *self = Range {
                 first: index,
                 len: count,
@@ -60,6 +64,35 @@ impl Range {
         } else {
             self.len = index - self.first + count;
         }
+        Ok(())
+    }
+
+    /// [`Self::try_append`] for a caller that has already checked the append; one that does
+    /// not fit changes nothing.
+    pub(crate) fn append(&mut self, index: u64, count: u64) {
+        let fits = self.try_append(index, count);
+        debug_assert!(fits.is_ok(), "unchecked append: {fits:?}");
+    }
+
+    /// The range after `op` (the transition shared by validation and [`apply_op`]); an append
+    /// that does not fit is refused and leaves the range as it was. `count` is the number of
+    /// entries an append adds.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "the write path's validation moves onto it when engine.rs is split"
+        )
+    )]
+    pub(crate) fn apply<B>(&mut self, op: &Op<B>, count: u64) -> Result<(), String> {
+        match op {
+            Op::Append { first, .. } => self.try_append(*first, count)?,
+            Op::Truncate { index, .. } => self.truncate_from(*index),
+            Op::Purge { index, .. } => self.purge_to(*index),
+            Op::RemoveGroup { .. } => *self = Range::default(),
+            Op::Put { .. } | Op::Delete { .. } | Op::Vote { .. } | Op::Committed { .. } => {}
+        }
+        Ok(())
     }
 
     pub(crate) fn truncate_from(&mut self, index: u64) {
@@ -125,6 +158,49 @@ impl EntryIndex {
         self.range
     }
 
+    /// Appends `spans` as entries `index..` held by the record `run` names; an overlap
+    /// replaces the tail. An append that does not fit is refused and changes nothing.
+    pub(crate) fn try_append(
+        &mut self,
+        index: u64,
+        run: Run,
+        spans: &[EntrySpan],
+    ) -> Result<(), String> {
+        self.try_append_counted(index, run, spans, &mut RefDelta::default())
+    }
+
+    /// [`Self::try_append`], noting in `refs` the runs it adds and drops.
+    pub(crate) fn try_append_counted(
+        &mut self,
+        index: u64,
+        run: Run,
+        spans: &[EntrySpan],
+        refs: &mut RefDelta,
+    ) -> Result<(), String> {
+        let count = spans.len() as u64;
+        if count == 0 {
+            return Ok(());
+        }
+        self.range.check_append(index, count)?;
+        if self.range.is_empty() {
+            self.clear_counted(refs);
+        } else {
+            self.truncate_counted(index, refs);
+        }
+        self.range.try_append(index, count)?;
+        self.runs.push_back(Run {
+            first: index,
+            ..run
+        });
+        refs.add(run.segment, 1);
+        self.spans.extend(spans.iter().copied());
+        debug_assert_eq!(self.spans.len() as u64, self.range.len);
+        Ok(())
+    }
+
+    /// [`Self::try_append`] for an append already validated against the group's range (the
+    /// write path); one that does not fit changes nothing.
+    #[cfg(test)]
     pub(crate) fn append(&mut self, index: u64, run: Run, spans: &[EntrySpan]) {
         self.append_counted(index, run, spans, &mut RefDelta::default());
     }
@@ -137,24 +213,11 @@ impl EntryIndex {
         spans: &[EntrySpan],
         refs: &mut RefDelta,
     ) {
-        let count = spans.len() as u64;
-        if count == 0 {
-            return;
+        let fits = self.try_append_counted(index, run, spans, refs);
+        debug_assert!(fits.is_ok(), "unvalidated append: {fits:?}");
+        if let Err(e) = fits {
+            tracing::error!(error = %e, "an append that was not validated was refused");
         }
-        let restart = self.range.is_empty() || self.range.check_append(index, count).is_err();
-        if restart {
-            self.clear_counted(refs);
-        } else {
-            self.truncate_counted(index, refs);
-        }
-        self.range.append(index, count);
-        self.runs.push_back(Run {
-            first: index,
-            ..run
-        });
-        refs.add(run.segment, 1);
-        self.spans.extend(spans.iter().copied());
-        debug_assert_eq!(self.spans.len() as u64, self.range.len);
     }
 
     pub(crate) fn truncate_from(&mut self, index: u64) {
@@ -351,6 +414,75 @@ pub(crate) struct Group {
     pub(crate) at_boundary: Option<(u32, Box<crate::checkpoint::GroupMeta>)>,
 }
 
+/// Where a record lies: what each append of it records in its group's runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordPos {
+    pub(crate) segment: u32,
+    pub(crate) rec_off: u32,
+    pub(crate) rec_len: u32,
+}
+
+/// Applies one op to `groups` (the whole map, or one shard of it): the one apply function of
+/// the crate, used by replay and meant for the write path. `spans` is the span list an append's
+/// `spans` range points into (the decoder's list, or the batch's own). An append that does not
+/// fit its group is refused and changes nothing: the caller decides whether that is an invalid
+/// batch (write path), an inconsistency (replay) or a reported skip (tolerant replay).
+pub(crate) fn apply_op<B: Into<Box<[u8]>>>(
+    groups: &mut HashMap<u64, Group>,
+    op: Op<B>,
+    spans: &[EntrySpan],
+    pos: RecordPos,
+) -> Result<(), String> {
+    match op {
+        Op::Append {
+            group,
+            first,
+            spans: at,
+        } => {
+            let spans = spans
+                .get(at)
+                .ok_or_else(|| format!("group {group}: append names spans outside its record"))?;
+            let run = Run {
+                first,
+                segment: pos.segment,
+                rec_off: pos.rec_off,
+                rec_len: pos.rec_len,
+            };
+            groups
+                .entry(group)
+                .or_default()
+                .entries
+                .try_append(first, run, spans)
+                .map_err(|e| format!("group {group}: {e}"))?;
+        }
+        Op::Truncate { group, index } => groups
+            .entry(group)
+            .or_default()
+            .entries
+            .truncate_from(index),
+        Op::Purge { group, index } => groups.entry(group).or_default().entries.purge_to(index),
+        Op::Put { group, key, value } => {
+            groups
+                .entry(group)
+                .or_default()
+                .kv
+                .insert(key.into(), value.into());
+        }
+        Op::Delete { group, key } => {
+            let key: Box<[u8]> = key.into();
+            groups.entry(group).or_default().kv.remove(&key);
+        }
+        Op::Vote { group, value } => groups.entry(group).or_default().vote = Some(value.into()),
+        Op::Committed { group, value } => {
+            groups.entry(group).or_default().committed = Some(value.into())
+        }
+        Op::RemoveGroup { group } => {
+            groups.remove(&group);
+        }
+    }
+    Ok(())
+}
+
 const SHARDS: usize = 64;
 
 /// All groups, sharded so that readers of different groups rarely meet on a lock.
@@ -438,6 +570,41 @@ mod tests {
         // An empty group takes any index.
         ix.append(3, run(4), &spans(1));
         assert_eq!(ix.range(), Range { first: 3, len: 1 });
+    }
+
+    #[test]
+    fn range_transitions_refuse_a_misfit_and_change_nothing() {
+        let mut r = Range { first: 10, len: 5 };
+        let append = |first| Op::<&[u8]>::Append {
+            group: 1,
+            first,
+            spans: 0..2,
+        };
+        assert!(r.apply(&append(16), 2).is_err());
+        assert_eq!(r, Range { first: 10, len: 5 });
+        r.apply(&append(12), 2).unwrap();
+        assert_eq!(r, Range { first: 10, len: 4 });
+        r.apply(
+            &Op::<&[u8]>::Purge {
+                group: 1,
+                index: 10,
+            },
+            0,
+        )
+        .unwrap();
+        assert_eq!(r, Range { first: 11, len: 3 });
+        r.apply(&Op::<&[u8]>::RemoveGroup { group: 1 }, 0).unwrap();
+        assert_eq!(r, Range::default());
+        // An empty group takes any index; apply_op refuses a misfit the same way.
+        let mut groups = HashMap::new();
+        let pos = RecordPos {
+            segment: 1,
+            rec_off: 32,
+            rec_len: 100,
+        };
+        apply_op(&mut groups, append(5), &spans(2), pos).unwrap();
+        assert!(apply_op(&mut groups, append(9), &spans(2), pos).is_err());
+        assert_eq!(groups[&1].entries.range(), Range { first: 5, len: 2 });
     }
 
     #[test]

@@ -245,7 +245,7 @@ fn apply_item(
 
 impl Syncer for Inner {
     fn sync_active(&self) -> Result<(u64, Option<Error>)> {
-        let (file, target, short) = {
+        let (file, target, short, point) = {
             let mut log = self.log.lock();
             // A full disk leaves buffered bytes unwritten: sync what the file holds, and let
             // the waiters beyond it know.
@@ -255,10 +255,18 @@ impl Syncer for Inner {
                 Err(e) => return Err(e),
             };
             self.note_sync(&mut log);
-            (log.file.clone(), log.flushed_seq, short)
+            let file_end = self.tail.read().base;
+            (
+                log.file.clone(),
+                log.flushed_seq,
+                short,
+                (log.segment, file_end),
+            )
         };
         self.commit
             .guarded_sync("fdatasync of the active segment", || file.sync_data())?;
+        // The next write group declares it with a sync marker.
+        self.sync_point.synced(point.0, point.1);
         Ok((target, short))
     }
 }
@@ -415,6 +423,7 @@ impl Inner {
         let mut group_start = self.tail.read().bytes.len();
         // Whether members were placed in a segment that a rotation then sealed.
         let mut split = false;
+        let mut marked = false;
         let mut applied = 0;
         let mut failure: Option<Error> = None;
         for (i, m) in members.iter().enumerate() {
@@ -439,8 +448,18 @@ impl Inner {
                     break;
                 }
                 group_start = 0;
+                marked = false;
             }
             let mut tail = self.tail.write();
+            if !marked {
+                // A sync marker first, if an fsync advanced the durable point (or this segment
+                // has not yet declared the previous one's sealed length): see recovery::seal.
+                if let Some(marker) = self.sync_point.marker_due(log.segment, log.offset) {
+                    tail.bytes.extend_from_slice(&marker);
+                    log.offset += marker.len() as u64;
+                }
+                marked = true;
+            }
             let at = tail.bytes.len();
             tail.bytes.extend_from_slice(&m.record);
             if let Some(rec) = tail.bytes.get_mut(at..) {
@@ -702,6 +721,7 @@ impl Inner {
         }
         let what = format!("fdatasync of segment {} before rotation", log.segment);
         self.commit.guarded_sync(&what, || log.file.sync_data())?;
+        self.sync_point.rotated(log.segment, log.offset);
         self.commit.mark_synced(log.written);
         self.segments.write().insert(next_id, file.clone());
         log.segment = next_id;

@@ -8,13 +8,14 @@ use libfuzzer_sys::fuzz_target;
 #[path = "common.rs"]
 mod common;
 
-const NAMES: [&str; 6] = [
+const NAMES: [&str; 7] = [
     "0000000000000001.wal",
     "0000000000000002.wal",
     "0000000000000003.wal",
     "CHECKPOINT",
     "CHECKPOINT.tmp",
     "0000000000000002.wal.tmp",
+    "SEAL",
 ];
 
 fuzz_target!(|data: &[u8]| {

@@ -648,7 +648,63 @@ struct Tally {
     recoveries: u64,
     second_crashes: u64,
     writes_after_recovery: u64,
+    /// Process kills followed by a recovery, a write and a power cut.
+    kills: u64,
+    /// Batches served after a kill that were not acknowledged before it (they must survive the
+    /// power cut too).
+    served_unacked: u64,
     failures: Vec<String>,
+}
+
+/// The "process kill, then power cut" variant: the process dies at an I/O point (the live
+/// image survives, unsynced data still only in the page cache); recovery serves what it finds;
+/// one more synced write; then the power goes (only durable data survives; `variant` decides
+/// what of the rest). Every batch acknowledged before the kill, every batch recovery served
+/// after it, and the write after it must survive both. Returns how many batches recovery served
+/// beyond the acknowledged ones.
+fn kill_then_power_cut(
+    fs: &SimFs,
+    script: &Script,
+    prefill: bool,
+    run: &Outcome,
+    variant: CrashVariant,
+    seed: u64,
+) -> Result<usize, String> {
+    let killed = fs.kill_image();
+    let (engine, served) = check_recovery(&killed, script, prefill, run.durable, run.attempted)
+        .map_err(|e| format!("after the kill: {e}"))?;
+    let before = observe(&engine, &script.groups)?;
+    let g = *script.groups.keys().next().ok_or("no groups")?;
+    let first = before
+        .groups
+        .get(&g)
+        .and_then(GroupState::last)
+        .map_or(1, |l| l + 1);
+    let op = MOp::Append {
+        group: g,
+        first,
+        entries: vec![b"written after the kill".to_vec()],
+    };
+    engine
+        .write(to_batch(std::slice::from_ref(&op)))
+        .map_err(|e| format!("write after the kill failed: {e}"))?;
+    // The power goes while this engine is still running: no clean shutdown.
+    let cut = killed.crash_image(variant, seed);
+    drop(engine);
+    let mut want = before;
+    want.apply(&op);
+    let engine = Engine::open(DIR, sim_options(&cut, prefill))
+        .map_err(|e| format!("open after the kill and the power cut ({variant:?}): {e}"))?;
+    let seen = observe(&engine, &script.groups)?;
+    if seen != want {
+        return Err(format!(
+            "after the kill (recovery served {served} batches, {} acknowledged) and a power cut \
+             ({variant:?}): {}",
+            run.durable,
+            seen.diff(&want)
+        ));
+    }
+    Ok(served - run.durable)
 }
 
 /// Writes one more batch after a recovery, cuts the power (dropping unsynced data), reopens and
@@ -735,6 +791,22 @@ fn explore_seed(seed: u64, only_point: Option<u64>, tally: &mut Tally) {
             tally
                 .failures
                 .push(format!("seed {seed:#x}, crash point {k}: {p}"));
+        }
+        // The same point as a process kill, then a power cut (every other point: a random
+        // subset of the unsynced operations survives it, else none).
+        let variant = if k % 2 == 0 {
+            CrashVariant::DropAll
+        } else {
+            CrashVariant::Random
+        };
+        tally.kills += 1;
+        tally.recoveries += 2;
+        match kill_then_power_cut(&fs, &script, prefill, &run, variant, seed ^ k) {
+            Ok(extra) => tally.served_unacked += extra as u64,
+            Err(e) => tally.failures.push(format!(
+                "seed {seed:#x}, kill at point {k} then power cut (MRWAL_CRASH_SEED={seed} \
+                 MRWAL_CRASH_POINT={k}): {e}"
+            )),
         }
         for variant in CrashVariant::ALL {
             let img_seed = seed ^ (k << 8) ^ variant as u64;
@@ -839,12 +911,16 @@ fn crash_at_every_io_point() {
         explore_seed(base + s, only_point, &mut tally);
     }
     println!(
-        "crash explorer: {} crash points x 4 variants, {} recoveries ({} after a second crash \
-         during recovery, {} followed by a write and another crash), {} failures, {:.1}s",
+        "crash explorer: {} crash points x 4 variants + a kill, {} recoveries ({} after a second \
+         crash during recovery, {} followed by a write and another crash, {} after a kill then \
+         a write and a power cut, {} batches served after a kill beyond those acknowledged), \
+         {} failures, {:.1}s",
         tally.crash_points,
         tally.recoveries,
         tally.second_crashes,
         tally.writes_after_recovery,
+        tally.kills,
+        tally.served_unacked,
         tally.failures.len(),
         started.elapsed().as_secs_f64()
     );

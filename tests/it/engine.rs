@@ -368,7 +368,9 @@ fn cutting_the_last_record_at_every_byte_recovers_the_last_whole_batch() {
     let segs = segment_files(dir.path());
     let data = std::fs::read(&segs[0]).unwrap();
     let last_rec_len = 16 + 1 + (1 + 1 + 1 + 1 + 1) * 2 + 50;
-    let end = data.iter().rposition(|&b| b != 0).unwrap() + 1;
+    // The clean shutdown cut the segment after its final sync marker (40 bytes), which follows
+    // the last record.
+    let end = data.len() - 40;
     let start = end - last_rec_len;
     for cut in start..end {
         let copy = tempfile::tempdir().unwrap();
@@ -423,8 +425,20 @@ fn flipped_bit_in_a_middle_segment_is_a_typed_error() {
     }
     let e = Engine::open(dir.path(), small().recovery_mode(RecoveryMode::TolerateAny)).unwrap();
     let rep = e.recovery_report();
-    assert_eq!(rep.skipped.len(), 1, "{rep:?}");
-    assert_eq!(rep.skipped[0].segment, 2);
+    assert_eq!(rep.skipped[0].segment, 2, "{rep:?}");
+    assert!(rep.skipped[0].reason.contains("checksum"), "{rep:?}");
+    // The appends after the hole do not fit: reported (one range per segment), never applied
+    // by starting the group afresh; the entries before the hole stay.
+    assert!(rep.skipped.len() <= segs.len(), "{rep:?}");
+    assert!(
+        rep.skipped[1..]
+            .iter()
+            .all(|s| s.reason.contains("group 1")),
+        "{rep:?}"
+    );
+    assert_eq!(e.first_index(1), Some(1));
+    let last = e.last_index(1).unwrap();
+    assert!(last < 200 && e.entry(1, last).unwrap() == Some(vec![3u8; 1000]));
 }
 
 #[test]

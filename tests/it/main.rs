@@ -3,11 +3,14 @@
 //! - `simfs`: the simulated file system (durable vs live images, crashes, faults).
 //! - `crash_explorer`: crash at every I/O point of a scripted workload on the simulated FS.
 //! - `corruption`: truncation, bit flips, deleted, stray and stale files on real segment files.
+//! - `golden`: the checked-in version-1 data directory opens with identical content.
 //! - `faults`: EIO and ENOSPC injected at every call site.
 //! - `pipeline`: write groups on a gated file system: no acknowledgement before its fsync.
 //! - `kill`: SIGKILL a child writer at random points, then check every acknowledged batch.
 //! - `prop_recovery`: seeded proptest of the fuzz inputs: hostile images never panic or lie.
+//! - `recovery_items`: one regression test per recovery item of issue 8 (kill then power cut, lz4 density, ...).
 //! - `raft_suite`: openraft's log-store suite, fresh engine per sub-test and 64 suites on one engine.
+//! - `raft_corruption`: single faults on a cleanly closed directory, read through the adapter.
 //! - `raft_durability`: append callbacks vs fdatasync, write errors, restarts, group isolation.
 //! - `raft_cluster`: 3 openraft nodes x 4 groups in one process: restart, leader change.
 
@@ -15,13 +18,17 @@ mod corruption;
 mod crash_explorer;
 mod engine;
 mod faults;
+mod golden;
 mod kill;
 mod pipeline;
 mod prop_recovery;
 #[cfg(feature = "openraft")]
 mod raft_cluster;
 #[cfg(feature = "openraft")]
+mod raft_corruption;
+#[cfg(feature = "openraft")]
 mod raft_durability;
 #[cfg(feature = "openraft")]
 mod raft_suite;
+mod recovery_items;
 mod simfs;

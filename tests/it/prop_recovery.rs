@@ -212,13 +212,14 @@ fn open_and_check(fs: &SimFs, mode: RecoveryMode, written: Option<&Written>) -> 
     }
 }
 
-const NAMES: [&str; 6] = [
+const NAMES: [&str; 7] = [
     "0000000000000001.wal",
     "0000000000000002.wal",
     "0000000000000003.wal",
     "CHECKPOINT",
     "CHECKPOINT.tmp",
     "0000000000000002.wal.tmp",
+    "SEAL",
 ];
 
 proptest! {

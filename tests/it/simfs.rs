@@ -71,6 +71,8 @@ impl Op {
 pub enum Fault {
     Eio,
     Enospc,
+    /// Disk quota exceeded: as full a disk as ENOSPC for the writer.
+    Edquot,
 }
 
 impl Fault {
@@ -78,6 +80,7 @@ impl Fault {
         match self {
             Fault::Eio => io::Error::from_raw_os_error(libc::EIO),
             Fault::Enospc => io::Error::from_raw_os_error(libc::ENOSPC),
+            Fault::Edquot => io::Error::from_raw_os_error(libc::EDQUOT),
         }
     }
 }
@@ -175,6 +178,8 @@ struct State {
     full_from: Option<(Op, u64)>,
     /// Injected faults that fired: the call and the live name(s) of the file it hit.
     fired: Vec<(Op, String)>,
+    /// The write left in flight at the crash point: (file, sequence number).
+    in_flight: Option<(Ino, u64)>,
 }
 
 /// The simulated file system. Clones share one state.
@@ -448,6 +453,32 @@ impl SimFs {
         Ok(())
     }
 
+    /// The file system the next process sees after this one was killed (SIGKILL, no power
+    /// cut): the live image survives, and what was not synced is still not durable (the page
+    /// cache holds it), so a later power cut ([`SimFs::crash_image`]) can still lose it. Handles
+    /// of the killed process fail from now on; fresh: no locks, no faults, counters at zero.
+    /// A write in flight at a crash point did not happen (the killed process never saw it
+    /// return, and the live image never showed it).
+    pub fn kill_image(&self) -> SimFs {
+        let mut s = self.lock_state();
+        s.crashed = true;
+        let mut inodes = s.inodes.clone();
+        if let Some((ino, seq)) = s.in_flight {
+            if let Some(inode) = inodes.get_mut(&ino) {
+                inode.pending.retain(|(q, _)| *q != seq);
+            }
+        }
+        SimFs {
+            state: Arc::new(Mutex::new(State {
+                dirs: s.dirs.clone(),
+                inodes,
+                next_ino: s.next_ino,
+                seq: s.seq,
+                ..State::default()
+            })),
+        }
+    }
+
     /// The file system a reboot after the crash (or after now, if no crash happened) would see.
     /// Fresh: no handles, no locks, no faults, counters at zero.
     pub fn crash_image(&self, variant: CrashVariant, seed: u64) -> SimFs {
@@ -605,6 +636,7 @@ impl SimFile {
                 if crash_point && kind == Op::Write {
                     // The write was in flight when the power went: leave it pending.
                     let seq = s.next_seq();
+                    s.in_flight = Some((self.ino, seq));
                     if let Some(inode) = s.inodes.get_mut(&self.ino) {
                         inode.pending.push((seq, op));
                     }
