@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use multiraft_wal::raft::kv::{KvRequest, KvSnapshotData, KvStateMachine, KvTypeConfig};
-use multiraft_wal::raft::GroupLogStore;
+use multiraft_wal::raft::{GroupLogStore, SnapshotStore};
 use multiraft_wal::{Engine, Options};
 use openraft::error::{
     ClientWriteError, LinearizableReadError, RPCError, RaftError, ReplicationClosed,
@@ -744,6 +744,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         Some(engine)
     };
 
+    let snapshots = SnapshotStore::open(args.data_dir.join("snapshots"))?;
     let peers = Peers::default();
     let mut rafts = BTreeMap::new();
     let mut sms = BTreeMap::new();
@@ -754,7 +755,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         };
         let (raft, sm) = match &engine {
             Some(engine) => {
-                let sm = KvStateMachine::open(engine.clone(), group)?;
+                let sm = KvStateMachine::open_async(snapshots.clone(), group).await?;
                 let log = GroupLogStore::<C>::new(engine.clone(), group);
                 (
                     Raft::new(args.id, config.clone(), net, log, sm.clone()).await?,

@@ -302,9 +302,11 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogStorage<C> for GroupLogStore<C, K> {
             .map_err(|e| codec_err::<C>(ErrorSubject::Vote, ErrorVerb::Write, e))?;
         let mut batch = WriteBatch::new();
         batch.set_vote(self.group, &bytes);
-        self.engine
-            .write(batch)
-            .map_err(|e| engine_err::<C>(ErrorSubject::Vote, ErrorVerb::Write, e))
+        // Written (readable) now; durable once the group commit's fdatasync covering it has
+        // returned. Awaiting parks this task, not the thread, so the votes of many groups
+        // share one fdatasync.
+        let err = |e| engine_err::<C>(ErrorSubject::Vote, ErrorVerb::Write, e);
+        self.engine.write_durable(batch).map_err(err)?.await.map_err(err)
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
@@ -370,19 +372,12 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogStorage<C> for GroupLogStore<C, K> {
             encoded.push(buf);
         }
 
-        let Some(first_index) = first_index else {
-            // Nothing to write, but the callback may only say "durable" once everything appended
-            // before it is: one fdatasync covers that.
-            let result = self
-                .engine
-                .sync()
-                .map_err(|e| engine_err::<C>(ErrorSubject::Logs, ErrorVerb::Write, e));
-            callback.io_completed(result);
-            return Ok(());
-        };
-
         let mut batch = WriteBatch::new();
-        batch.append(self.group, first_index, &encoded);
+        if let Some(first_index) = first_index {
+            batch.append(self.group, first_index, &encoded);
+        }
+        // An empty batch writes nothing, but its callback still waits for an fdatasync covering
+        // everything written before it: "durable" may only be said once earlier appends are.
         // The engine calls this exactly once, after the fdatasync covering the batch (or with
         // the error that prevented it), possibly on another thread.
         let on_durable = move |result: crate::Result<()>| {
@@ -403,8 +398,13 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogStorage<C> for GroupLogStore<C, K> {
         };
         let mut batch = WriteBatch::new();
         batch.truncate_from(self.group, from);
+        // Unsynced on purpose: the engine's log is one ordered stream and recovery keeps a
+        // prefix of it, so a crash either keeps the truncation or returns the group to the log
+        // it had before the call, a state it was really in. Nothing is acknowledged on the
+        // strength of the truncation alone: openraft only reports progress after an append
+        // whose callback waits for an fdatasync, and that fdatasync covers this record too.
         self.engine
-            .write(batch)
+            .write_unsynced(batch)
             .map_err(|e| engine_err::<C>(ErrorSubject::LogIndex(from), ErrorVerb::Delete, e))
     }
 

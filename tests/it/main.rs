@@ -8,6 +8,9 @@
 //! - `prop_recovery`: seeded proptest of the fuzz inputs: hostile images never panic or lie.
 //! - `raft_suite`: openraft's log-store suite, fresh engine per sub-test and 64 suites on one engine.
 //! - `raft_durability`: append callbacks vs fdatasync, write errors, restarts, group isolation.
+//! - `raft_nonblocking`: save_vote awaits its fdatasync without holding a runtime thread,
+//!   votes share fdatasyncs, truncate_after unsynced vs crashes, the snapshot store.
+//! - `probefs`: a real file system with gated, counted, failable fdatasyncs.
 //! - `raft_cluster`: 3 openraft nodes x 4 groups in one process: restart, leader change.
 
 mod corruption;
@@ -15,11 +18,15 @@ mod crash_explorer;
 mod engine;
 mod faults;
 mod kill;
+#[cfg(feature = "openraft")]
+mod probefs;
 mod prop_recovery;
 #[cfg(feature = "openraft")]
 mod raft_cluster;
 #[cfg(feature = "openraft")]
 mod raft_durability;
+#[cfg(feature = "openraft")]
+mod raft_nonblocking;
 #[cfg(feature = "openraft")]
 mod raft_suite;
 mod simfs;
