@@ -93,6 +93,31 @@ enum Command {
     },
     /// Measures reads/s, batched writes/s and a 20 %-write mix.
     Bench(BenchArgs),
+    /// Writes unique keys through the cluster until stopped or `--duration-s` passes; appends
+    /// each acknowledged write to `--acked` (used by scripts/crash_cluster.sh).
+    Load {
+        /// Address of any node.
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        addr: String,
+        /// File to append "key value" lines to, one per acknowledged write.
+        #[arg(long)]
+        acked: PathBuf,
+        #[arg(long, default_value_t = 60)]
+        duration_s: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
+    /// Reads back every write listed in `--acked` (linearizable reads on the leaders); exits
+    /// with status 1 if any is missing or different.
+    Verify {
+        /// Address of any node.
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        addr: String,
+        #[arg(long)]
+        acked: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
     /// Waits until every node reports the same leader for every group; prints how long it took
     /// (used by scripts/election_storm.sh).
     WaitLeaders {
@@ -277,6 +302,10 @@ struct Status {
     members: BTreeMap<u64, String>,
     /// Leader node id of each group, if known.
     leaders: BTreeMap<u64, Option<u64>>,
+    /// Current term of each group on this node.
+    terms: BTreeMap<u64, u64>,
+    /// Groups this node leads with a quorum acknowledgement since it became leader.
+    confirmed: Vec<u64>,
     memory_log: bool,
 }
 
@@ -911,10 +940,18 @@ impl NodeState {
             Request::Status => {
                 let mut members = BTreeMap::new();
                 let mut leaders = BTreeMap::new();
+                let mut terms = BTreeMap::new();
+                let mut confirmed = Vec::new();
                 for (&group, raft) in &self.rafts {
                     let m = raft.metrics();
                     let m = openraft::async_runtime::watch::WatchReceiver::borrow_watched(&m);
                     leaders.insert(group, m.current_leader);
+                    terms.insert(group, m.current_term);
+                    if m.state == openraft::ServerState::Leader
+                        && m.last_quorum_acked.is_some()
+                    {
+                        confirmed.push(group);
+                    }
                     for (id, node) in m.membership_config.membership().nodes() {
                         members.insert(*id, node.addr.clone());
                     }
@@ -924,6 +961,8 @@ impl NodeState {
                     groups: self.groups,
                     members,
                     leaders,
+                    terms,
+                    confirmed,
                     memory_log: self.memory_log,
                 })
             }
@@ -1500,6 +1539,117 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn run_load(
+    addr: String,
+    acked: PathBuf,
+    duration: Duration,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (client, _) = Client::connect(&addr).await?;
+    let run: u64 = rand::random::<u32>().into();
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&acked)
+        .await
+        .with_context(|| format!("opening {acked:?}"))?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();
+    let deadline = Instant::now() + duration;
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..concurrency.max(1) {
+        let (mut c, tx, failed) = (client.clone(), tx.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let key = format!("crash-{run}-{t}-{n}");
+                let value = format!("v-{run}-{t}-{n}");
+                n += 1;
+                match c.put(key.clone(), value.clone()).await {
+                    Ok(_) => {
+                        let _ = tx.send((key, value));
+                    }
+                    // Not acknowledged: it may or may not have been applied; not checked.
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let mut count = 0u64;
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            item = rx.recv() => match item {
+                Some((k, v)) => {
+                    // Recorded only after the cluster acknowledged it.
+                    file.write_all(format!("{k} {v}\n").as_bytes()).await?;
+                    file.flush().await?;
+                    count += 1;
+                }
+                None => break,
+            },
+            _ = &mut stop => break,
+        }
+    }
+    file.sync_all().await?;
+    println!(
+        "load: {count} acknowledged writes, {} not acknowledged",
+        failed.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+async fn run_verify(addr: String, acked: PathBuf, concurrency: usize) -> anyhow::Result<()> {
+    let (client, _) = Client::connect(&addr).await?;
+    let text = tokio::fs::read_to_string(&acked)
+        .await
+        .with_context(|| format!("reading {acked:?}"))?;
+    let pairs: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let pairs = Arc::new(pairs);
+    let next = Arc::new(AtomicU64::new(0));
+    let bad = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (mut c, pairs, next, bad) = (client.clone(), pairs.clone(), next.clone(), bad.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some((k, v)) = pairs.get(i) else { return };
+                match c.get(k.clone()).await {
+                    Ok(Some(got)) if got == *v => {}
+                    Ok(got) => bad.lock().push(format!("{k}: expected {v}, read {got:?}")),
+                    Err(e) => bad.lock().push(format!("{k}: read failed: {e}")),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let bad = bad.lock();
+    println!(
+        "verify: {} acknowledged writes checked, {} missing or wrong",
+        pairs.len(),
+        bad.len()
+    );
+    for line in bad.iter().take(20) {
+        println!("  {line}");
+    }
+    if !bad.is_empty() {
+        bail!("{} acknowledged writes were lost", bad.len());
+    }
+    Ok(())
+}
+
 /// Polls every node's status until all of them know a leader for every group and agree on it.
 async fn wait_leaders(addrs: Vec<String>, timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
@@ -1526,14 +1676,28 @@ async fn wait_leaders(addrs: Vec<String>, timeout: Duration) -> anyhow::Result<(
             let groups = views[0].groups;
             let mut without = 0u64;
             let mut disagree = 0u64;
+            // A group counts once one node leads it with a quorum acknowledgement since it
+            // became leader, and every node names that node as leader in the same term (a
+            // leader remembered from before a restart does not count).
+            let confirmed: Vec<std::collections::HashSet<u64>> = views
+                .iter()
+                .map(|v| v.confirmed.iter().copied().collect())
+                .collect();
             for g in 1..=groups {
-                let seen: Vec<Option<u64>> = views
+                let seen: Vec<(Option<u64>, Option<u64>)> = views
                     .iter()
-                    .map(|v| v.leaders.get(&g).copied().flatten())
+                    .map(|v| (v.leaders.get(&g).copied().flatten(), v.terms.get(&g).copied()))
                     .collect();
-                if seen.iter().any(Option::is_none) {
+                let leader = seen[0].0;
+                let leader_confirmed = leader.is_some_and(|l| {
+                    views
+                        .iter()
+                        .zip(&confirmed)
+                        .any(|(v, c)| v.id == l && c.contains(&g))
+                });
+                if seen.iter().any(|(l, _)| l.is_none()) || !leader_confirmed {
                     without += 1;
-                } else if seen.iter().any(|l| *l != seen[0]) {
+                } else if seen.iter().any(|s| *s != seen[0]) {
                     disagree += 1;
                 }
             }
@@ -1559,6 +1723,17 @@ fn main() -> anyhow::Result<()> {
         Command::Node(args) => rt.block_on(run_node(args)),
         Command::Client { addr, op } => rt.block_on(run_client(addr, op)),
         Command::Bench(args) => rt.block_on(run_bench(args)),
+        Command::Load {
+            addr,
+            acked,
+            duration_s,
+            concurrency,
+        } => rt.block_on(run_load(addr, acked, Duration::from_secs(duration_s), concurrency)),
+        Command::Verify {
+            addr,
+            acked,
+            concurrency,
+        } => rt.block_on(run_verify(addr, acked, concurrency)),
         Command::WaitLeaders { addrs, timeout_s } => {
             rt.block_on(wait_leaders(addrs, Duration::from_secs(timeout_s)))
         }
