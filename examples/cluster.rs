@@ -1096,7 +1096,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         }
     );
 
-    if args.id == 1 {
+    {
         let node = node.clone();
         tokio::spawn(async move {
             if let Err(e) = initialize(&node, &members).await {
@@ -1151,52 +1151,63 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Node 1, first start: initialize every group with all members, then move the leadership of
-/// group g to member (g - 1) mod n, so that every node leads some groups.
+/// First start: each node initializes the groups it is to lead (group g goes to the
+/// ((g - 1) mod n)-th member), with all members as voters. The leadership is spread over the
+/// nodes from the first election on, with no leadership transfers (each would be a second
+/// election). Groups already initialized (a restart) are left alone.
 async fn initialize(node: &NodeState, members: &BTreeMap<u64, String>) -> anyhow::Result<()> {
     let nodes: BTreeMap<u64, BasicNode> = members
         .iter()
         .map(|(&id, addr)| (id, BasicNode { addr: addr.clone() }))
         .collect();
     let ids: Vec<u64> = nodes.keys().copied().collect();
+    let mine: Vec<(u64, Rf)> = node
+        .rafts
+        .iter()
+        .filter(|(&g, _)| ids.get(((g - 1) % ids.len() as u64) as usize) == Some(&node.id))
+        .map(|(&g, r)| (g, r.clone()))
+        .collect();
+    let mut fresh = Vec::new();
+    for (g, raft) in mine {
+        if !raft.is_initialized().await? {
+            fresh.push((g, raft));
+        }
+    }
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    // Wait (up to a minute) until every member answers, so that the groups' first elections
+    // do not fail on a node still starting and fall back to election timeouts.
+    let probe = Router::default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (&id, addr) in members.iter().filter(|(&id, _)| id != node.id) {
+        while Instant::now() < deadline {
+            match probe
+                .get(addr)
+                .call_within(&Request::Status, Duration::from_secs(1))
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!("waiting for node {id} at {addr}: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    let count = fresh.len();
     let mut inits = tokio::task::JoinSet::new();
-    for (&group, raft) in &node.rafts {
-        let (raft, nodes, me) = (raft.clone(), nodes.clone(), node.id);
-        let target = ids
-            .get(((group - 1) % ids.len() as u64) as usize)
-            .copied();
-        inits.spawn(async move {
-            if raft.is_initialized().await? {
-                return anyhow::Ok(());
-            }
-            raft.initialize(nodes).await?;
-            let Some(target) = target.filter(|&t| t != me) else {
-                return Ok(());
-            };
-            let wait = raft.wait(Some(Duration::from_secs(60)));
-            // Hand over once the target has the log (so the transfer can succeed).
-            let ready = wait
-                .metrics(
-                    |m| {
-                        m.replication
-                            .as_ref()
-                            .is_some_and(|r| r.get(&target).is_some_and(|x| x.is_some()))
-                    },
-                    "target replicated",
-                )
-                .await;
-            if ready.is_ok() {
-                let _ = raft.trigger().transfer_leader(target).await;
-            }
-            Ok(())
-        });
+    for (_, raft) in fresh {
+        let nodes = nodes.clone();
+        inits.spawn(async move { raft.initialize(nodes).await });
     }
     while let Some(r) = inits.join_next().await {
         r??;
     }
     println!(
-        "node {}: initialized groups with members {members:?}",
-        node.id
+        "node {}: initialized {count} groups with members {members:?}, {:.2} s after start",
+        node.id,
+        START.get().map_or(0.0, |s| s.elapsed().as_secs_f64())
     );
     Ok(())
 }
@@ -1710,13 +1721,19 @@ async fn wait_leaders(addrs: Vec<String>, timeout: Duration) -> anyhow::Result<(
                 return Ok(());
             }
             last = format!("{without} groups without a leader, {disagree} with disagreeing views");
+            if std::env::var_os("WAIT_LEADERS_PROGRESS").is_some() {
+                eprintln!("{:7.2} s: {last}", start.elapsed().as_secs_f64());
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bail!("not every group had a leader after {timeout:?}: {last}")
 }
 
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 fn main() -> anyhow::Result<()> {
+    START.get_or_init(Instant::now);
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {

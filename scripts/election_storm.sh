@@ -70,7 +70,7 @@ trap 'stop_nodes KILL' EXIT
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 wait_leaders() {
-  "$BIN" wait-leaders --addrs "$ADDRS" --timeout-s "$TIMEOUT_S" >/dev/null
+  "$BIN" wait-leaders --addrs "$ADDRS" --timeout-s "$TIMEOUT_S" >/dev/null 2>>"$DATA_DIR/wait.log"
 }
 rss_mib() { awk '/VmRSS/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
@@ -86,6 +86,9 @@ for mode in $MODES; do
   start_nodes "$flag"
   wait_leaders
   first=$(since "$t0")
+  elect_ticks=0
+  for i in 1 2 3; do elect_ticks=$((elect_ticks + $(cpu_ticks "${PID[$i]}"))); done
+  elect_cpu=$(awk -v t="$elect_ticks" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
 
   # Let leadership transfers and catch-up settle before measuring memory and idle CPU.
   sleep 5
@@ -109,7 +112,7 @@ for mode in $MODES; do
     restart=$(since "$t1")
   fi
   stop_nodes KILL
-  line="$mode: groups/node $GROUPS_PER_NODE | first election ${first} s | RSS/node ${rss[*]} MiB (avg ${rss_avg}, ${per_group_kib} KiB/group) | idle CPU, 3 nodes ${idle} cores | after kill -9 of all: ${restart} s"
+  line="$mode: groups/node $GROUPS_PER_NODE | first election ${first} s (${elect_cpu} CPU-s, 3 nodes) | RSS/node ${rss[*]} MiB (avg ${rss_avg}, ${per_group_kib} KiB/group) | idle CPU, 3 nodes ${idle} cores | after kill -9 of all: ${restart} s"
   echo "$line"
   results+=("$line")
 done
