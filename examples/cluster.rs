@@ -53,11 +53,11 @@ use openraft::raft::{
 };
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, VoteOf};
-use openraft_multi::{GroupNetworkAdapter, GroupNetworkFactory, GroupRouter};
 use openraft::{
-    BasicNode, Config, OptionalSend, Raft, RaftLogReader, RaftNetworkFactory,
-    ReadPolicy, Snapshot, SnapshotPolicy,
+    BasicNode, Config, OptionalSend, Raft, RaftLogReader, RaftNetworkFactory, ReadPolicy, Snapshot,
+    SnapshotPolicy,
 };
+use openraft_multi::{GroupNetworkAdapter, GroupNetworkFactory, GroupRouter};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -540,7 +540,12 @@ impl Router {
         Ok(self.get(addr))
     }
 
-    async fn rpc(&self, target: u64, req: Request, option: &RPCOption) -> Result<Response, Unreachable<C>> {
+    async fn rpc(
+        &self,
+        target: u64,
+        req: Request,
+        option: &RPCOption,
+    ) -> Result<Response, Unreachable<C>> {
         let peer = self.peer_of(target)?;
         peer.call_within(&req, option.hard_ttl())
             .await
@@ -562,7 +567,10 @@ impl GroupRouter<C, u64> for Router {
         rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        match self.rpc(target, Request::Append { group, rpc }, &option).await? {
+        match self
+            .rpc(target, Request::Append { group, rpc }, &option)
+            .await?
+        {
             Response::Append(Ok(r)) => Ok(r),
             Response::Append(Err(e)) => Err(RPCError::Unreachable(unreachable(e))),
             _ => Err(RPCError::Unreachable(unreachable("unexpected response"))),
@@ -576,7 +584,10 @@ impl GroupRouter<C, u64> for Router {
         rpc: VoteRequest<C>,
         option: RPCOption,
     ) -> Result<VoteResponse<C>, RPCError<C>> {
-        match self.rpc(target, Request::Vote { group, rpc }, &option).await? {
+        match self
+            .rpc(target, Request::Vote { group, rpc }, &option)
+            .await?
+        {
             Response::Vote(Ok(r)) => Ok(r),
             Response::Vote(Err(e)) => Err(RPCError::Unreachable(unreachable(e))),
             _ => Err(RPCError::Unreachable(unreachable("unexpected response"))),
@@ -590,7 +601,10 @@ impl GroupRouter<C, u64> for Router {
         rpc: VoteRequest<C>,
         option: RPCOption,
     ) -> Result<VoteResponse<C>, RPCError<C>> {
-        match self.rpc(target, Request::PreVote { group, rpc }, &option).await? {
+        match self
+            .rpc(target, Request::PreVote { group, rpc }, &option)
+            .await?
+        {
             Response::Vote(Ok(r)) => Ok(r),
             Response::Vote(Err(e)) => Err(RPCError::Unreachable(unreachable(e))),
             _ => Err(RPCError::Unreachable(unreachable("unexpected response"))),
@@ -824,7 +838,9 @@ impl NodeState {
                 incoming.insert(key, (group, Vec::new()));
             }
             let Some((g, buf)) = incoming.get_mut(&key) else {
-                return Err(format!("snapshot transfer {key:?}: chunk at {offset} without a start"));
+                return Err(format!(
+                    "snapshot transfer {key:?}: chunk at {offset} without a start"
+                ));
             };
             if *g != group || buf.len() as u64 != offset {
                 incoming.remove(&key);
@@ -947,9 +963,7 @@ impl NodeState {
                     let m = openraft::async_runtime::watch::WatchReceiver::borrow_watched(&m);
                     leaders.insert(group, m.current_leader);
                     terms.insert(group, m.current_term);
-                    if m.state == openraft::ServerState::Leader
-                        && m.last_quorum_acked.is_some()
-                    {
+                    if m.state == openraft::ServerState::Leader && m.last_quorum_acked.is_some() {
                         confirmed.push(group);
                     }
                     for (id, node) in m.membership_config.membership().nodes() {
@@ -1697,7 +1711,12 @@ async fn wait_leaders(addrs: Vec<String>, timeout: Duration) -> anyhow::Result<(
             for g in 1..=groups {
                 let seen: Vec<(Option<u64>, Option<u64>)> = views
                     .iter()
-                    .map(|v| (v.leaders.get(&g).copied().flatten(), v.terms.get(&g).copied()))
+                    .map(|v| {
+                        (
+                            v.leaders.get(&g).copied().flatten(),
+                            v.terms.get(&g).copied(),
+                        )
+                    })
                     .collect();
                 let leader = seen[0].0;
                 let leader_confirmed = leader.is_some_and(|l| {
@@ -1745,7 +1764,12 @@ fn main() -> anyhow::Result<()> {
             acked,
             duration_s,
             concurrency,
-        } => rt.block_on(run_load(addr, acked, Duration::from_secs(duration_s), concurrency)),
+        } => rt.block_on(run_load(
+            addr,
+            acked,
+            Duration::from_secs(duration_s),
+            concurrency,
+        )),
         Command::Verify {
             addr,
             acked,

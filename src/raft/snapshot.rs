@@ -263,7 +263,9 @@ impl SnapshotStore {
         })?;
         let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
         let name = file_name(group, seq);
-        let tmp = inner.dir.join(format!("{group:016x}-{seq:016x}{TMP_SUFFIX}"));
+        let tmp = inner
+            .dir
+            .join(format!("{group:016x}-{seq:016x}{TMP_SUFFIX}"));
         let path = inner.dir.join(&name);
 
         let mut header = [0u8; HEADER_LEN];
@@ -271,7 +273,10 @@ impl SnapshotStore {
         header[8..16].copy_from_slice(&group.to_le_bytes());
         header[16..20].copy_from_slice(&meta_len.to_le_bytes());
         header[20..28].copy_from_slice(&(data.len() as u64).to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&header[..28]), meta), data);
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c_append(crc32c::crc32c(&header[..28]), meta),
+            data,
+        );
         header[28..32].copy_from_slice(&crc.to_le_bytes());
 
         let write = || -> io::Result<()> {
@@ -375,8 +380,10 @@ impl SnapshotStore {
         file.read_exact_at(&mut meta, HEADER_LEN as u64)
             .and_then(|()| file.read_exact_at(&mut data, HEADER_LEN as u64 + meta_len))
             .map_err(|e| SnapshotError::io(ctx("reading"), e))?;
-        let actual =
-            crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&header[..28]), &meta), &data);
+        let actual = crc32c::crc32c_append(
+            crc32c::crc32c_append(crc32c::crc32c(&header[..28]), &meta),
+            &data,
+        );
         if actual != crc {
             return Err(corrupt(format!(
                 "CRC mismatch (stored {crc:08x}, computed {actual:08x})"

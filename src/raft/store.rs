@@ -306,7 +306,11 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogStorage<C> for GroupLogStore<C, K> {
         // returned. Awaiting parks this task, not the thread, so the votes of many groups
         // share one fdatasync.
         let err = |e| engine_err::<C>(ErrorSubject::Vote, ErrorVerb::Write, e);
-        self.engine.write_durable(batch).map_err(err)?.await.map_err(err)
+        self.engine
+            .write_durable(batch)
+            .map_err(err)?
+            .await
+            .map_err(err)
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {

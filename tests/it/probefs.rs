@@ -11,7 +11,6 @@ use multiraft_wal::fs::{DirLock, FileSystem, FsFile, StdFs};
 use multiraft_wal::{Engine, Options};
 use parking_lot::{Condvar, Mutex};
 
-
 #[derive(Debug, Default)]
 pub struct Probe {
     /// fdatasyncs that returned Ok.
@@ -130,4 +129,3 @@ pub fn open_probed(dir: &Path) -> anyhow::Result<(Engine, Arc<Probe>)> {
     let engine = Engine::open(dir, Options::default().file_system(fs))?;
     Ok((engine, probe))
 }
-

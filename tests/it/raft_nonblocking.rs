@@ -112,7 +112,10 @@ fn save_vote_waits_for_its_fdatasync_without_holding_the_runtime_thread() -> any
         let mut reader = Store::new(engine.clone(), 1);
         assert_eq!(reader.read_vote().await?, Some(VoteOf::<C>::new(3, 1)));
         // But save_vote has not returned: its fdatasync has not.
-        assert!(!voter.is_finished(), "save_vote returned before its fdatasync");
+        assert!(
+            !voter.is_finished(),
+            "save_vote returned before its fdatasync"
+        );
         assert_eq!(probe.synced.load(Ordering::SeqCst), synced_before);
 
         probe.open_gate();
@@ -317,7 +320,10 @@ fn snapshot_store_files_are_whole_or_absent_after_a_crash() -> anyhow::Result<()
             // Exactly one file per group survives the reopen, and no temporary file.
             let files = names(&img, dir);
             assert_eq!(files.len(), 2, "k={k} {variant:?}: {files:?}");
-            assert_eq!(reopened.load(6)?.map(|s| s.data), Some(b"other group".to_vec()));
+            assert_eq!(
+                reopened.load(6)?.map(|s| s.data),
+                Some(b"other group".to_vec())
+            );
         }
     }
     Ok(())
@@ -408,6 +414,10 @@ async fn snapshot_encoding_holds_no_lock_against_apply() -> anyhow::Result<()> {
     let last = snap.meta.last_log_id.expect("last log id").index;
     let map: std::collections::BTreeMap<String, String> =
         bincode::serde::decode_from_slice(&snap.snapshot, bincode::config::standard())?.0;
-    assert_eq!(map.len() as u64, last, "snapshot content disagrees with its meta");
+    assert_eq!(
+        map.len() as u64,
+        last,
+        "snapshot content disagrees with its meta"
+    );
     Ok(())
 }
