@@ -651,7 +651,7 @@ impl GroupRouter<C, u64> for Router {
                     from: self.me,
                     offset: offset as u64,
                     data: data[offset..end].to_vec(),
-                    last: last.then(|| (vote.clone(), snapshot.meta.clone())),
+                    last: last.then(|| (vote, snapshot.meta.clone())),
                 };
                 match peer.call_within(&req, option.hard_ttl()).await {
                     Ok(Response::Snapshot(Ok(Some(r)))) if last => return Ok(r),
@@ -811,6 +811,9 @@ fn group_of(key: &str, groups: u64) -> u64 {
     h % groups + 1
 }
 
+/// (sending node, transfer id) of a snapshot being received.
+type TransferKey = (u64, u64);
+
 struct NodeState {
     id: u64,
     groups: u64,
@@ -818,7 +821,7 @@ struct NodeState {
     sms: BTreeMap<u64, KvStateMachine>,
     memory_log: bool,
     /// Snapshots being received: (sender, transfer) -> (group, bytes so far).
-    incoming: Mutex<HashMap<(u64, u64), (u64, Vec<u8>)>>,
+    incoming: Mutex<HashMap<TransferKey, (u64, Vec<u8>)>>,
 }
 
 impl NodeState {
