@@ -15,15 +15,24 @@
 //! ```
 //!
 //! Node ids: `--peers` lists the other nodes as `host:port` (ids given to them in order from
-//! the ids 1, 2, 3, ... other than `--id`) or as `id@host:port`. Node 1 initializes every group
-//! with all nodes as voters the first time it starts, then spreads the groups' leadership over
-//! the nodes. Only loopback addresses are accepted.
+//! the ids 1, 2, 3, ... other than `--id`) or as `id@host:port`. On its first start each node
+//! waits until every member answers, then initializes the groups it is to lead (group g: the
+//! ((g - 1) mod n)-th member) with all nodes as voters, so leadership is spread from the first
+//! election on. Groups start concurrently. Only loopback addresses are accepted.
+//!
+//! Raft timing (`--heartbeat-ms`, `--election-min-ms`, `--election-max-ms`; defaults 500,
+//! 1500, 3000): every group sends its own heartbeats, so the idle cost grows with the number of
+//! groups; docs/ADAPTER.md has the measured idle CPU per 1,000 groups for several settings.
 //!
 //! `--memory-log` keeps the Raft logs in memory instead of the engine (nothing survives a
 //! restart): the same cluster with the log store's cost removed, the ceiling to compare with.
 //!
-//! Protocol: every message is a little-endian u32 length and a bincode-encoded [`Request`] or
-//! [`Response`]; a connection carries one request at a time.
+//! Transport: openraft-multi's `GroupNetworkAdapter` over a `GroupRouter` that keeps ONE TCP
+//! connection per pair of nodes (and per client), shared by all groups. Frames are
+//! length-delimited (tokio-util's `LengthDelimitedCodec`); each is a bincode-encoded
+//! `(request id, Request)` or `(request id, Response)`, so any number of requests are in flight
+//! on a connection and answers are matched by id. Snapshots travel in 1 MiB chunks. Accept and
+//! connect errors are logged and retried (openraft retries RPCs), never fatal.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
