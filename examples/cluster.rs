@@ -174,6 +174,13 @@ struct NodeArgs {
     election_min_ms: u64,
     #[arg(long, default_value_t = 3000)]
     election_max_ms: u64,
+    /// Build a snapshot (and purge the log before it, keeping 1,000 entries) every this many
+    /// log entries of a group.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_every: u64,
+    /// Size of the chunks a snapshot is sent in, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    snapshot_chunk: usize,
 }
 
 #[derive(Subcommand)]
@@ -242,7 +249,7 @@ fn loopback(addr: &str) -> anyhow::Result<String> {
 // Frames are length-delimited (tokio-util's `LengthDelimitedCodec`: a big-endian u32 length,
 // then the body). A body is a bincode-encoded `(id, Request)` or `(id, Response)`: any number
 // of requests are in flight on one connection and each answer names the request it answers.
-// Snapshots travel in chunks of `SNAPSHOT_CHUNK` bytes, so a large one never holds the
+// Snapshots travel in chunks (`--snapshot-chunk`, 1 MiB by default), so a large one never holds the
 // connection for long while the other groups' heartbeats wait behind it.
 
 #[derive(Serialize, Deserialize)]
@@ -319,7 +326,6 @@ struct Status {
 }
 
 const MAX_FRAME: usize = 64 << 20;
-const SNAPSHOT_CHUNK: usize = 1 << 20;
 /// How long a request waits for its answer when the caller gives no deadline.
 const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -530,6 +536,7 @@ struct Router {
     members: Arc<BTreeMap<u64, String>>,
     me: u64,
     next_transfer: Arc<AtomicU64>,
+    snapshot_chunk: usize,
 }
 
 impl Router {
@@ -652,7 +659,7 @@ impl GroupRouter<C, u64> for Router {
         let send = async {
             let mut offset = 0usize;
             loop {
-                let end = (offset + SNAPSHOT_CHUNK).min(data.len());
+                let end = (offset + self.snapshot_chunk.max(1)).min(data.len());
                 let last = end == data.len();
                 let req = Request::SnapshotChunk {
                     group,
@@ -830,7 +837,7 @@ struct NodeState {
     sms: BTreeMap<u64, KvStateMachine>,
     memory_log: bool,
     /// Snapshots being received: (sender, transfer) -> (group, bytes so far).
-    incoming: Mutex<HashMap<TransferKey, (u64, Vec<u8>)>>,
+    incoming: Mutex<HashMap<TransferKey, (u64, Vec<u8>, u32)>>,
 }
 
 impl NodeState {
@@ -847,9 +854,9 @@ impl NodeState {
         let assembled = {
             let mut incoming = self.incoming.lock();
             if offset == 0 {
-                incoming.insert(key, (group, Vec::new()));
+                incoming.insert(key, (group, Vec::new(), 0));
             }
-            let Some((g, buf)) = incoming.get_mut(&key) else {
+            let Some((g, buf, chunks)) = incoming.get_mut(&key) else {
                 return Err(format!(
                     "snapshot transfer {key:?}: chunk at {offset} without a start"
                 ));
@@ -859,14 +866,23 @@ impl NodeState {
                 return Err(format!("snapshot transfer {key:?}: chunk out of order"));
             }
             buf.extend_from_slice(&data);
+            *chunks += 1;
             if last.is_some() {
-                incoming.remove(&key).map(|(_, b)| b)
+                incoming.remove(&key).map(|(_, b, n)| (b, n))
             } else {
                 None
             }
         };
         match (last, assembled) {
-            (Some((vote, meta)), Some(bytes)) => {
+            (Some((vote, meta)), Some((bytes, chunks))) => {
+                println!(
+                    "node {}: group {group}: installing a snapshot of {} bytes from node {} \
+                     (last log id {:?}), received in {chunks} chunks",
+                    self.id,
+                    bytes.len(),
+                    key.0,
+                    meta.last_log_id
+                );
                 let snapshot = Snapshot {
                     meta,
                     snapshot: bytes,
@@ -1034,8 +1050,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             heartbeat_interval: args.heartbeat_ms,
             election_timeout_min: args.election_min_ms,
             election_timeout_max: args.election_max_ms,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
-            max_in_snapshot_log_to_keep: 1_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(args.snapshot_every),
+            max_in_snapshot_log_to_keep: 1_000.min(args.snapshot_every / 2),
             ..Default::default()
         }
         .validate()?,
@@ -1062,6 +1078,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         members: Arc::new(members.clone()),
         me: args.id,
         next_transfer: Arc::default(),
+        snapshot_chunk: args.snapshot_chunk.max(1),
     };
     // Start the groups concurrently.
     let mut starting = tokio::task::JoinSet::new();
