@@ -829,6 +829,8 @@ fn group_of(key: &str, groups: u64) -> u64 {
 
 /// (sending node, transfer id) of a snapshot being received.
 type TransferKey = (u64, u64);
+/// A snapshot being received: (group, bytes so far, chunks so far).
+type Incoming = (u64, Vec<u8>, u32);
 
 struct NodeState {
     id: u64,
@@ -837,7 +839,7 @@ struct NodeState {
     sms: BTreeMap<u64, KvStateMachine>,
     memory_log: bool,
     /// Snapshots being received: (sender, transfer) -> (group, bytes so far).
-    incoming: Mutex<HashMap<TransferKey, (u64, Vec<u8>, u32)>>,
+    incoming: Mutex<HashMap<TransferKey, Incoming>>,
 }
 
 impl NodeState {
