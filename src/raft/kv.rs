@@ -26,10 +26,11 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, S
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::{EntryPayload, OptionalSend, StoredMembership};
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::codec::bincode_decode as decode;
-use super::snapshot::{SnapshotError, SnapshotStore};
+use crate::raft_shared::codec::bincode_decode as decode;
+use crate::raft_shared::kv::apply_request;
+use crate::raft_shared::snapshot::{SnapshotError, SnapshotStore};
 
 openraft::declare_raft_types!(
     /// The type config of the reference key-value store: `u64` node ids, [`openraft::BasicNode`]
@@ -39,44 +40,7 @@ openraft::declare_raft_types!(
         R = KvResponse,
 );
 
-/// A change to the map.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum KvRequest {
-    /// Sets `key` to `value`.
-    Set {
-        /// The key.
-        key: String,
-        /// The new value.
-        value: String,
-    },
-    /// Sets many keys at once (one log entry).
-    SetMany {
-        /// `(key, value)` pairs, applied in order.
-        pairs: Vec<(String, String)>,
-    },
-    /// Removes `key`.
-    Delete {
-        /// The key.
-        key: String,
-    },
-}
-
-impl fmt::Display for KvRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            KvRequest::Set { key, value } => write!(f, "set {key}={value}"),
-            KvRequest::SetMany { pairs } => write!(f, "set {} keys", pairs.len()),
-            KvRequest::Delete { key } => write!(f, "delete {key}"),
-        }
-    }
-}
-
-/// The answer to a [`KvRequest`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KvResponse {
-    /// The previous value of the key (`Set`, `Delete`); `None` for `SetMany`.
-    pub previous: Option<String>,
-}
+pub use crate::raft_shared::kv::{KvRequest, KvResponse};
 
 /// The snapshot data: the map, encoded with bincode 2.
 pub type KvSnapshotData = Vec<u8>;
@@ -118,7 +82,7 @@ impl fmt::Debug for KvStateMachine {
 
 fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    super::codec::bincode_encode(value, &mut out)?;
+    crate::raft_shared::codec::bincode_encode(value, &mut out)?;
     Ok(out)
 }
 
@@ -219,21 +183,6 @@ impl KvStateMachine {
                 state.snapshot_data = data;
             }
         }
-    }
-}
-
-fn apply_request(map: &mut BTreeMap<String, String>, request: KvRequest) -> KvResponse {
-    match request {
-        KvRequest::Set { key, value } => KvResponse {
-            previous: map.insert(key, value),
-        },
-        KvRequest::SetMany { pairs } => {
-            map.extend(pairs);
-            KvResponse { previous: None }
-        }
-        KvRequest::Delete { key } => KvResponse {
-            previous: map.remove(&key),
-        },
     }
 }
 

@@ -33,7 +33,7 @@
 
 pub mod codec;
 pub mod kv;
-pub mod snapshot;
+pub use crate::raft_shared::snapshot;
 pub mod store;
 
 pub use codec::{BincodeCodec, Codec};

@@ -10,6 +10,8 @@
 //! - `raft_durability`: append callbacks vs fdatasync, write errors, restarts, group isolation.
 //! - `raft_nonblocking`: save_vote awaits its fdatasync without holding a runtime thread,
 //!   votes share fdatasyncs, truncate_after unsynced vs crashes, the snapshot store.
+//! - `raft09_suite`: openraft 0.9's storage suite against the 0.9 adapter (fresh engine; 64 at once).
+//! - `raft_shared_durability`: durability tests written once, run against both adapters.
 //! - `probefs`: a real file system with gated, counted, failable fdatasyncs.
 //! - `raft_cluster`: 3 openraft nodes x 4 groups in one process: restart, leader change.
 
@@ -18,15 +20,19 @@ mod crash_explorer;
 mod engine;
 mod faults;
 mod kill;
-#[cfg(feature = "openraft")]
+#[cfg(any(feature = "openraft", feature = "openraft09"))]
 mod probefs;
 mod prop_recovery;
+#[cfg(feature = "openraft09")]
+mod raft09_suite;
 #[cfg(feature = "openraft")]
 mod raft_cluster;
 #[cfg(feature = "openraft")]
 mod raft_durability;
 #[cfg(feature = "openraft")]
 mod raft_nonblocking;
+#[cfg(any(feature = "openraft", feature = "openraft09"))]
+mod raft_shared_durability;
 #[cfg(feature = "openraft")]
 mod raft_suite;
 mod simfs;
