@@ -72,6 +72,9 @@ fn codec_err<NID: openraft09::NodeId>(
     StorageIOError::new(subject, verb, AnyError::new(&err)).into()
 }
 
+// openraft 0.9's `StorageError` is large, but it is the error type of the traits implemented
+// here; the helpers return it as is rather than boxing and unboxing it.
+#[allow(clippy::result_large_err)]
 impl<C> GroupLogStore<C>
 where
     C: RaftTypeConfig,
@@ -262,7 +265,7 @@ where
         let (first_index, encoded) = encode_append(
             entries,
             |e: &C::Entry| e.get_log_id().index,
-            |e, buf| bincode_encode(e, buf),
+            bincode_encode::<C::Entry>,
             |index, prev| {
                 io::Error::new(
                     io::ErrorKind::InvalidInput,

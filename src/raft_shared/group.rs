@@ -19,6 +19,12 @@ pub const LAST_PURGED_KEY: &[u8] = b"raft/last_purged";
 /// Default cap on the bytes one limited read returns: 1 MiB.
 pub const DEFAULT_MAX_READ_BYTES: usize = 1 << 20;
 
+/// A result whose error carries the log index being read or written.
+pub(crate) type AtIndex<T, E = Error> = std::result::Result<T, (u64, E)>;
+
+/// The first index of an append (if any) and its encoded entries.
+pub(crate) type EncodedAppend = (Option<u64>, Vec<Vec<u8>>);
+
 /// One group of an engine, as a Raft log store sees it. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct GroupCore {
@@ -44,7 +50,7 @@ impl GroupCore {
         &self,
         range: Range<u64>,
         max_bytes: usize,
-    ) -> std::result::Result<(u64, Vec<Vec<u8>>), (u64, Error)> {
+    ) -> AtIndex<(u64, Vec<Vec<u8>>)> {
         let Some(first) = self.engine.first_index(self.group) else {
             return Ok((range.start, Vec::new()));
         };
@@ -59,9 +65,7 @@ impl GroupCore {
     }
 
     /// The last entry, encoded, with its index.
-    pub(crate) fn last_raw_entry(
-        &self,
-    ) -> std::result::Result<Option<(u64, Vec<u8>)>, (u64, Error)> {
+    pub(crate) fn last_raw_entry(&self) -> AtIndex<Option<(u64, Vec<u8>)>> {
         let Some(last) = self.engine.last_index(self.group) else {
             return Ok(None);
         };
@@ -174,7 +178,7 @@ pub(crate) fn encode_append<E, Err>(
     index_of: impl Fn(&E) -> u64,
     mut encode: impl FnMut(&E, &mut Vec<u8>) -> std::result::Result<(), Err>,
     not_contiguous: impl Fn(u64, u64) -> Err,
-) -> std::result::Result<(Option<u64>, Vec<Vec<u8>>), (u64, Err)> {
+) -> AtIndex<EncodedAppend, Err> {
     let mut encoded = Vec::new();
     let mut first_index = None;
     let mut next_index = 0u64;

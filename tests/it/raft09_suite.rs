@@ -49,8 +49,8 @@ impl StoreBuilder<KvTypeConfig, Store, KvStateMachine, FreshGuard> for FreshEngi
 }
 
 #[test]
-fn suite09_fresh_engine_per_test() -> Result<(), StorageError<u64>> {
-    Suite::test_all(FreshEngine)
+fn suite09_fresh_engine_per_test() -> anyhow::Result<()> {
+    Suite::test_all(FreshEngine).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Every `build` hands out a new group id of one shared engine.
@@ -93,7 +93,7 @@ fn suite09_64_concurrent_groups_one_engine() -> anyhow::Result<()> {
     let threads: Vec<_> = (0..SUITES)
         .map(|_| {
             let builder = builder.clone();
-            std::thread::spawn(move || Suite::test_all(builder))
+            std::thread::spawn(move || Suite::test_all(builder).map_err(|e| anyhow::anyhow!("{e}")))
         })
         .collect();
     for (i, t) in threads.into_iter().enumerate() {

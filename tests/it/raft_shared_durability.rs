@@ -22,6 +22,9 @@ use crate::probefs::open_probed;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// (last purged, last) log ids of an adapter.
+pub type LogStateOf<A> = (Option<<A as Adapter>::LogId>, Option<<A as Adapter>::LogId>);
+
 /// What the shared test bodies need from an adapter's log store.
 pub trait Adapter: Send + Sized + 'static {
     type LogId: Clone + Debug + PartialEq + Send + Sync;
@@ -58,9 +61,7 @@ pub trait Adapter: Send + Sized + 'static {
         &mut self,
     ) -> impl Future<Output = anyhow::Result<Vec<(Self::LogId, String)>>> + Send;
     /// (last purged, last) log ids.
-    fn log_state(
-        &mut self,
-    ) -> impl Future<Output = anyhow::Result<(Option<Self::LogId>, Option<Self::LogId>)>> + Send;
+    fn log_state(&mut self) -> impl Future<Output = anyhow::Result<LogStateOf<Self>>> + Send;
 }
 
 fn seed() -> u64 {
@@ -408,9 +409,7 @@ mod v10 {
                 })
                 .collect())
         }
-        async fn log_state(
-            &mut self,
-        ) -> anyhow::Result<(Option<Self::LogId>, Option<Self::LogId>)> {
+        async fn log_state(&mut self) -> anyhow::Result<LogStateOf<Self>> {
             let s = self.0.get_log_state().await?;
             Ok((s.last_purged_log_id, s.last_log_id))
         }
@@ -524,9 +523,7 @@ mod v09 {
                 })
                 .collect())
         }
-        async fn log_state(
-            &mut self,
-        ) -> anyhow::Result<(Option<Self::LogId>, Option<Self::LogId>)> {
+        async fn log_state(&mut self) -> anyhow::Result<LogStateOf<Self>> {
             let s = self.0.get_log_state().await?;
             Ok((s.last_purged_log_id, s.last_log_id))
         }
