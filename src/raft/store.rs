@@ -30,17 +30,17 @@ use crate::{Engine, Error};
 /// | call | engine write | durable when it returns |
 /// |---|---|---|
 /// | `append` | one batch of entries, `write_async` | no: the callback reports it |
-/// | `save_vote` | `set_vote`, `write` | yes |
+/// | `save_vote` | `set_vote`, `write_durable(..).await` | yes |
 /// | `save_committed` | `set_committed`, `write_unsynced` | no (ordered before any later write) |
-/// | `truncate_after` | `truncate_from`, `write` | yes |
+/// | `truncate_after` | `truncate_from`, `write_unsynced` | no (ordered; see docs/ADAPTER.md) |
 /// | `purge` | `purge_to` + put [`LAST_PURGED_KEY`], `write_unsynced` | no (ordered) |
 ///
 /// The engine's log is one ordered stream, so an unsynced write becomes durable no later than
 /// the next synced one, and never after a write issued later: a recovered `committed` or purge
 /// never refers to entries the crash lost.
 ///
-/// Synced writes (`save_vote`, `truncate_after`) block the calling thread for one fdatasync;
-/// they are rare in a running cluster (elections and conflicts).
+/// `save_vote` awaits the group commit's fdatasync without holding a thread: the votes of every
+/// group voting at once share one fdatasync.
 ///
 /// Two handles of the same group must not be written concurrently: openraft writes through one
 /// handle from its core task and reads through clones.
