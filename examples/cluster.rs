@@ -15,15 +15,24 @@
 //! ```
 //!
 //! Node ids: `--peers` lists the other nodes as `host:port` (ids given to them in order from
-//! the ids 1, 2, 3, ... other than `--id`) or as `id@host:port`. Node 1 initializes every group
-//! with all nodes as voters the first time it starts, then spreads the groups' leadership over
-//! the nodes. Only loopback addresses are accepted.
+//! the ids 1, 2, 3, ... other than `--id`) or as `id@host:port`. On its first start each node
+//! waits until every member answers, then initializes the groups it is to lead (group g: the
+//! ((g - 1) mod n)-th member) with all nodes as voters, so leadership is spread from the first
+//! election on. Groups start concurrently. Only loopback addresses are accepted.
+//!
+//! Raft timing (`--heartbeat-ms`, `--election-min-ms`, `--election-max-ms`; defaults 500,
+//! 1500, 3000): every group sends its own heartbeats, so the idle cost grows with the number of
+//! groups; docs/ADAPTER.md has the measured idle CPU per 1,000 groups for several settings.
 //!
 //! `--memory-log` keeps the Raft logs in memory instead of the engine (nothing survives a
 //! restart): the same cluster with the log store's cost removed, the ceiling to compare with.
 //!
-//! Protocol: every message is a little-endian u32 length and a bincode-encoded [`Request`] or
-//! [`Response`]; a connection carries one request at a time.
+//! Transport: openraft-multi's `GroupNetworkAdapter` over a `GroupRouter` that keeps ONE TCP
+//! connection per pair of nodes (and per client), shared by all groups. Frames are
+//! length-delimited (tokio-util's `LengthDelimitedCodec`); each is a bincode-encoded
+//! `(request id, Request)` or `(request id, Response)`, so any number of requests are in flight
+//! on a connection and answers are matched by id. Snapshots travel in 1 MiB chunks. Accept and
+//! connect errors are logged and retried (openraft retries RPCs), never fatal.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
@@ -31,13 +40,16 @@ use std::io;
 use std::net::SocketAddr;
 use std::ops::{Bound, RangeBounds};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
 use clap::{Parser, Subcommand};
+use futures::{SinkExt, StreamExt};
 use multiraft_wal::raft::kv::{KvRequest, KvSnapshotData, KvStateMachine, KvTypeConfig};
-use multiraft_wal::raft::GroupLogStore;
+use multiraft_wal::raft::{GroupLogStore, SnapshotStore};
 use multiraft_wal::{Engine, Options};
 use openraft::error::{
     ClientWriteError, LinearizableReadError, RPCError, RaftError, ReplicationClosed,
@@ -51,14 +63,17 @@ use openraft::raft::{
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::{
-    BasicNode, Config, OptionalSend, Raft, RaftLogReader, RaftNetworkFactory, RaftNetworkV2,
-    ReadPolicy, Snapshot, SnapshotPolicy,
+    BasicNode, Config, OptionalSend, Raft, RaftLogReader, RaftNetworkFactory, ReadPolicy, Snapshot,
+    SnapshotPolicy,
 };
+use openraft_multi::{GroupNetworkAdapter, GroupNetworkFactory, GroupRouter};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 type C = KvTypeConfig;
 type Rf = Raft<C, KvStateMachine>;
@@ -87,6 +102,41 @@ enum Command {
     },
     /// Measures reads/s, batched writes/s and a 20 %-write mix.
     Bench(BenchArgs),
+    /// Writes unique keys through the cluster until stopped or `--duration-s` passes; appends
+    /// each acknowledged write to `--acked` (used by scripts/crash_cluster.sh).
+    Load {
+        /// Address of any node.
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        addr: String,
+        /// File to append "key value" lines to, one per acknowledged write.
+        #[arg(long)]
+        acked: PathBuf,
+        #[arg(long, default_value_t = 60)]
+        duration_s: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
+    /// Reads back every write listed in `--acked` (linearizable reads on the leaders); exits
+    /// with status 1 if any is missing or different.
+    Verify {
+        /// Address of any node.
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        addr: String,
+        #[arg(long)]
+        acked: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
+    /// Waits until every node reports the same leader for every group; prints how long it took
+    /// (used by scripts/election_storm.sh).
+    WaitLeaders {
+        /// Addresses of all nodes, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        addrs: Vec<String>,
+        /// Give up after this many seconds (exit status 1).
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
 }
 
 #[derive(Parser)]
@@ -116,6 +166,21 @@ struct NodeArgs {
     /// survives a restart).
     #[arg(long)]
     memory_log: bool,
+    /// Heartbeat interval of every group, in ms.
+    #[arg(long, default_value_t = 500)]
+    heartbeat_ms: u64,
+    /// Election timeout range of every group, in ms.
+    #[arg(long, default_value_t = 1500)]
+    election_min_ms: u64,
+    #[arg(long, default_value_t = 3000)]
+    election_max_ms: u64,
+    /// Build a snapshot (and purge the log before it, keeping 1,000 entries) every this many
+    /// log entries of a group.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_every: u64,
+    /// Size of the chunks a snapshot is sent in, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    snapshot_chunk: usize,
 }
 
 #[derive(Subcommand)]
@@ -179,7 +244,13 @@ fn loopback(addr: &str) -> anyhow::Result<String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Wire protocol.
+// Wire protocol: one multiplexed TCP connection per pair of nodes (and per client).
+//
+// Frames are length-delimited (tokio-util's `LengthDelimitedCodec`: a big-endian u32 length,
+// then the body). A body is a bincode-encoded `(id, Request)` or `(id, Response)`: any number
+// of requests are in flight on one connection and each answer names the request it answers.
+// Snapshots travel in chunks (`--snapshot-chunk`, 1 MiB by default), so a large one never holds the
+// connection for long while the other groups' heartbeats wait behind it.
 
 #[derive(Serialize, Deserialize)]
 enum Request {
@@ -191,11 +262,20 @@ enum Request {
         group: u64,
         rpc: VoteRequest<C>,
     },
-    Snapshot {
+    PreVote {
         group: u64,
-        vote: VoteOf<C>,
-        meta: SnapshotMetaOf<C>,
-        data: KvSnapshotData,
+        rpc: VoteRequest<C>,
+    },
+    /// One chunk of a snapshot; the last one (`last` set) carries the vote and the meta and
+    /// makes the receiver install what it assembled.
+    SnapshotChunk {
+        group: u64,
+        /// Identifies the transfer (unique per sending node).
+        transfer: u64,
+        from: u64,
+        offset: u64,
+        data: Vec<u8>,
+        last: Option<(VoteOf<C>, SnapshotMetaOf<C>)>,
     },
     TransferLeader {
         group: u64,
@@ -221,7 +301,8 @@ enum Request {
 enum Response {
     Append(Result<AppendEntriesResponse<C>, String>),
     Vote(Result<VoteResponse<C>, String>),
-    Snapshot(Result<SnapshotResponse<C>, String>),
+    /// A chunk was stored (`None`) or the snapshot installed (`Some`).
+    Snapshot(Result<Option<SnapshotResponse<C>>, String>),
     TransferLeader(Result<TransferLeaderResponse<C>, String>),
     Value(Option<String>),
     /// This node does not lead the group; try the leader's address if known.
@@ -237,79 +318,228 @@ struct Status {
     members: BTreeMap<u64, String>,
     /// Leader node id of each group, if known.
     leaders: BTreeMap<u64, Option<u64>>,
+    /// Current term of each group on this node.
+    terms: BTreeMap<u64, u64>,
+    /// Groups this node leads with a quorum acknowledgement since it became leader.
+    confirmed: Vec<u64>,
     memory_log: bool,
 }
 
-const MAX_FRAME: usize = 256 << 20;
+const MAX_FRAME: usize = 64 << 20;
+/// How long a request waits for its answer when the caller gives no deadline.
+const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn write_frame<T: Serialize>(stream: &mut TcpStream, msg: &T) -> io::Result<()> {
-    let body = bincode::serde::encode_to_vec(msg, bincode::config::standard())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let len = u32::try_from(body.len()).map_err(|_| io::Error::other("frame too large"))?;
-    let mut buf = Vec::with_capacity(4 + body.len());
-    buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&body);
-    stream.write_all(&buf).await
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
 }
 
-async fn read_frame<T: serde::de::DeserializeOwned>(stream: &mut TcpStream) -> io::Result<T> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).await?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes"),
-        ));
+fn encode_frame<T: Serialize>(id: u64, msg: &T) -> io::Result<Bytes> {
+    bincode::serde::encode_to_vec((id, msg), bincode::config::standard())
+        .map(Bytes::from)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+fn decode_frame<T: serde::de::DeserializeOwned>(body: &[u8]) -> io::Result<(u64, T)> {
+    bincode::serde::decode_from_slice(body, bincode::config::standard())
+        .map(|(m, _)| m)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Sends the frames queued on `rx` to `sink`, flushing whenever the queue runs dry (so a burst
+/// of requests leaves in few writes).
+async fn write_frames(
+    mut sink: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+) -> io::Result<()> {
+    while let Some(frame) = rx.recv().await {
+        sink.feed(frame).await?;
+        while let Ok(more) = rx.try_recv() {
+            sink.feed(more).await?;
+        }
+        SinkExt::<Bytes>::flush(&mut sink).await?;
     }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
-    let (msg, _) = bincode::serde::decode_from_slice(&body, bincode::config::standard())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    Ok(msg)
+    Ok(())
 }
 
-/// A pool of connections to one address; each request takes a connection for its round trip.
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+
+/// One live, multiplexed connection.
+#[derive(Clone)]
+struct Conn {
+    tx: mpsc::UnboundedSender<Bytes>,
+    pending: Pending,
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// The connection to one address, opened on first use and again after it breaks. Connect
+/// errors are returned to the caller (openraft retries with backoff), never fatal.
 #[derive(Clone)]
 struct Peer {
     addr: String,
-    idle: Arc<Mutex<Vec<TcpStream>>>,
+    conn: Arc<tokio::sync::Mutex<Option<Conn>>>,
+    next_id: Arc<AtomicU64>,
 }
 
 impl Peer {
     fn new(addr: String) -> Self {
         Self {
             addr,
-            idle: Arc::default(),
+            conn: Arc::default(),
+            next_id: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    async fn connection(&self) -> io::Result<Conn> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let stream = TcpStream::connect(&self.addr).await?;
+        stream.set_nodelay(true)?;
+        let (read, write) = stream.into_split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pending: Pending = Arc::default();
+        let conn = Conn {
+            tx,
+            pending: pending.clone(),
+        };
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            if let Err(e) = write_frames(FramedWrite::new(write, codec()), rx).await {
+                tracing::debug!(%addr, "connection write: {e}");
+            }
+        });
+        let addr = self.addr.clone();
+        let closer = conn.tx.clone();
+        tokio::spawn(async move {
+            let mut frames = FramedRead::new(read, codec());
+            loop {
+                let body = match frames.next().await {
+                    Some(Ok(b)) => b,
+                    Some(Err(e)) => {
+                        tracing::debug!(%addr, "connection read: {e}");
+                        break;
+                    }
+                    None => break,
+                };
+                match decode_frame::<Response>(&body) {
+                    Ok((id, resp)) => {
+                        if let Some(waiter) = pending.lock().remove(&id) {
+                            let _ = waiter.send(resp);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%addr, "undecodable response: {e}");
+                        break;
+                    }
+                }
+            }
+            // Broken: fail every request still waiting, and make the next call reconnect.
+            drop(closer);
+            pending.lock().clear();
+        });
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends `req` and waits at most `timeout` for its answer.
+    async fn call_within(&self, req: &Request, timeout: Duration) -> io::Result<Response> {
+        let conn = self.connection().await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_frame(id, req)?;
+        let (tx, rx) = oneshot::channel();
+        conn.pending.lock().insert(id, tx);
+        if conn.tx.send(frame).is_err() {
+            conn.pending.lock().remove(&id);
+            *self.conn.lock().await = None;
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("connection to {} closed", self.addr),
+            ));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(_)) => {
+                // The reader task ended: drop the connection so the next call reconnects.
+                let mut slot = self.conn.lock().await;
+                if slot.as_ref().is_some_and(|c| c.tx.same_channel(&conn.tx)) {
+                    *slot = None;
+                }
+                Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!("connection to {} broke", self.addr),
+                ))
+            }
+            Err(_) => {
+                conn.pending.lock().remove(&id);
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer from {} within {timeout:?}", self.addr),
+                ))
+            }
         }
     }
 
     async fn call(&self, req: &Request) -> io::Result<Response> {
-        let pooled = self.idle.lock().pop();
-        let mut stream = match pooled {
-            Some(s) => s,
-            None => {
-                let s = TcpStream::connect(&self.addr).await?;
-                s.set_nodelay(true)?;
-                s
-            }
-        };
-        write_frame(&mut stream, req).await?;
-        let resp = read_frame(&mut stream).await?;
-        self.idle.lock().push(stream);
-        Ok(resp)
+        self.call_within(req, DEFAULT_RPC_TIMEOUT).await
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Raft network over the wire protocol.
-
-#[derive(Clone, Default)]
-struct Peers {
-    by_addr: Arc<Mutex<HashMap<String, Peer>>>,
+/// Serves one incoming connection: every request is handled in its own task, so a slow one
+/// (a client write waiting for its commit) never holds up the heartbeats behind it.
+async fn serve_connection(node: Arc<NodeState>, stream: TcpStream) {
+    let (read, write) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_frames(FramedWrite::new(write, codec()), rx));
+    let mut frames = FramedRead::new(read, codec());
+    while let Some(Ok(body)) = frames.next().await {
+        let (id, req) = match decode_frame::<Request>(&body) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("undecodable request, closing the connection: {e}");
+                break;
+            }
+        };
+        let node = node.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let resp = node.handle(req).await;
+            match encode_frame(id, &resp) {
+                Ok(frame) => {
+                    let _ = tx.send(frame);
+                }
+                Err(e) => tracing::warn!("cannot encode a response: {e}"),
+            }
+        });
+    }
+    drop(tx);
+    // Answers of requests still running go out as they finish; the writer ends after the last.
+    let _ = writer.await;
 }
 
-impl Peers {
+// ---------------------------------------------------------------------------------------------
+// Raft network: openraft-multi's `GroupNetworkAdapter` over a router sharing the connections.
+
+/// The connections of this node, shared by every group: `GroupRouter` sends a group's RPC to
+/// a node over the one connection to that node.
+#[derive(Clone, Default)]
+struct Router {
+    by_addr: Arc<Mutex<HashMap<String, Peer>>>,
+    /// Node id -> address, from the command line.
+    members: Arc<BTreeMap<u64, String>>,
+    me: u64,
+    next_transfer: Arc<AtomicU64>,
+    snapshot_chunk: usize,
+}
+
+impl Router {
     fn get(&self, addr: &str) -> Peer {
         self.by_addr
             .lock()
@@ -317,116 +547,160 @@ impl Peers {
             .or_insert_with(|| Peer::new(addr.to_string()))
             .clone()
     }
-}
 
-struct Net {
-    peers: Peers,
-    group: u64,
-}
-
-impl RaftNetworkFactory<C> for Net {
-    type Network = NetConn;
-    async fn new_client(&mut self, _target: u64, node: &BasicNode) -> NetConn {
-        NetConn {
-            peer: self.peers.get(&node.addr),
-            group: self.group,
-        }
+    fn peer_of(&self, target: u64) -> Result<Peer, Unreachable<C>> {
+        let addr = self
+            .members
+            .get(&target)
+            .ok_or_else(|| unreachable(format!("unknown node {target}")))?;
+        Ok(self.get(addr))
     }
-}
 
-struct NetConn {
-    peer: Peer,
-    group: u64,
+    async fn rpc(
+        &self,
+        target: u64,
+        req: Request,
+        option: &RPCOption,
+    ) -> Result<Response, Unreachable<C>> {
+        let peer = self.peer_of(target)?;
+        peer.call_within(&req, option.hard_ttl())
+            .await
+            .map_err(unreachable)
+    }
 }
 
 fn unreachable(e: impl std::fmt::Display) -> Unreachable<C> {
     Unreachable::new(&io::Error::other(e.to_string()))
 }
 
-impl RaftNetworkV2<C> for NetConn {
+impl GroupRouter<C, u64> for Router {
     type SnapshotData = KvSnapshotData;
 
     async fn append_entries(
-        &mut self,
+        &self,
+        target: u64,
+        group: u64,
         rpc: AppendEntriesRequest<C>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
         match self
-            .peer
-            .call(&Request::Append {
-                group: self.group,
-                rpc,
-            })
-            .await
+            .rpc(target, Request::Append { group, rpc }, &option)
+            .await?
         {
-            Ok(Response::Append(Ok(r))) => Ok(r),
-            Ok(Response::Append(Err(e))) => Err(RPCError::Unreachable(unreachable(e))),
-            Ok(_) => Err(RPCError::Unreachable(unreachable("unexpected response"))),
-            Err(e) => Err(RPCError::Unreachable(unreachable(e))),
+            Response::Append(Ok(r)) => Ok(r),
+            Response::Append(Err(e)) => Err(RPCError::Unreachable(unreachable(e))),
+            _ => Err(RPCError::Unreachable(unreachable("unexpected response"))),
         }
     }
 
     async fn vote(
-        &mut self,
+        &self,
+        target: u64,
+        group: u64,
         rpc: VoteRequest<C>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<VoteResponse<C>, RPCError<C>> {
         match self
-            .peer
-            .call(&Request::Vote {
-                group: self.group,
-                rpc,
-            })
-            .await
+            .rpc(target, Request::Vote { group, rpc }, &option)
+            .await?
         {
-            Ok(Response::Vote(Ok(r))) => Ok(r),
-            Ok(Response::Vote(Err(e))) => Err(RPCError::Unreachable(unreachable(e))),
-            Ok(_) => Err(RPCError::Unreachable(unreachable("unexpected response"))),
-            Err(e) => Err(RPCError::Unreachable(unreachable(e))),
+            Response::Vote(Ok(r)) => Ok(r),
+            Response::Vote(Err(e)) => Err(RPCError::Unreachable(unreachable(e))),
+            _ => Err(RPCError::Unreachable(unreachable("unexpected response"))),
+        }
+    }
+
+    async fn pre_vote(
+        &self,
+        target: u64,
+        group: u64,
+        rpc: VoteRequest<C>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<C>, RPCError<C>> {
+        match self
+            .rpc(target, Request::PreVote { group, rpc }, &option)
+            .await?
+        {
+            Response::Vote(Ok(r)) => Ok(r),
+            Response::Vote(Err(e)) => Err(RPCError::Unreachable(unreachable(e))),
+            _ => Err(RPCError::Unreachable(unreachable("unexpected response"))),
         }
     }
 
     async fn transfer_leader(
-        &mut self,
+        &self,
+        target: u64,
+        group: u64,
         req: TransferLeaderRequest<C>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
         match self
-            .peer
-            .call(&Request::TransferLeader {
-                group: self.group,
-                req,
-            })
-            .await
+            .rpc(target, Request::TransferLeader { group, req }, &option)
+            .await?
         {
-            Ok(Response::TransferLeader(Ok(r))) => Ok(r),
-            Ok(Response::TransferLeader(Err(e))) => Err(RPCError::Unreachable(unreachable(e))),
-            Ok(_) => Err(RPCError::Unreachable(unreachable("unexpected response"))),
-            Err(e) => Err(RPCError::Unreachable(unreachable(e))),
+            Response::TransferLeader(Ok(r)) => Ok(r),
+            Response::TransferLeader(Err(e)) => Err(RPCError::Unreachable(unreachable(e))),
+            _ => Err(RPCError::Unreachable(unreachable("unexpected response"))),
         }
     }
 
     async fn full_snapshot(
-        &mut self,
+        &self,
+        target: u64,
+        group: u64,
         vote: VoteOf<C>,
         snapshot: SnapshotOf<C, KvSnapshotData>,
-        _cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
-        _option: RPCOption,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
-        let req = Request::Snapshot {
-            group: self.group,
-            vote,
-            meta: snapshot.meta,
-            data: snapshot.snapshot,
+        let peer = self.peer_of(target)?;
+        let transfer = self.next_transfer.fetch_add(1, Ordering::Relaxed);
+        let data = snapshot.snapshot;
+        let send = async {
+            let mut offset = 0usize;
+            loop {
+                let end = (offset + self.snapshot_chunk.max(1)).min(data.len());
+                let last = end == data.len();
+                let req = Request::SnapshotChunk {
+                    group,
+                    transfer,
+                    from: self.me,
+                    offset: offset as u64,
+                    data: data[offset..end].to_vec(),
+                    last: last.then(|| (vote, snapshot.meta.clone())),
+                };
+                match peer.call_within(&req, option.hard_ttl()).await {
+                    Ok(Response::Snapshot(Ok(Some(r)))) if last => return Ok(r),
+                    Ok(Response::Snapshot(Ok(None))) if !last => offset = end,
+                    Ok(Response::Snapshot(Err(e))) => {
+                        return Err(StreamingError::Unreachable(unreachable(e)))
+                    }
+                    Ok(_) => {
+                        return Err(StreamingError::Unreachable(unreachable(
+                            "unexpected response",
+                        )))
+                    }
+                    Err(e) => return Err(StreamingError::Unreachable(unreachable(e))),
+                }
+            }
         };
-        match self.peer.call(&req).await {
-            Ok(Response::Snapshot(Ok(r))) => Ok(r),
-            Ok(Response::Snapshot(Err(e))) => Err(StreamingError::Unreachable(unreachable(e))),
-            Ok(_) => Err(StreamingError::Unreachable(unreachable(
-                "unexpected response",
-            ))),
-            Err(e) => Err(StreamingError::Unreachable(unreachable(e))),
+        tokio::select! {
+            r = send => r,
+            closed = cancel => Err(StreamingError::Closed(closed)),
         }
+    }
+}
+
+type Net = GroupNetworkFactory<Router, u64>;
+
+/// `GroupNetworkFactory` only carries the router and the group: the connection for a target
+/// is the router's, bound to (target, group) by openraft-multi's adapter.
+struct NetFactory(Net);
+
+impl RaftNetworkFactory<C> for NetFactory {
+    type Network = GroupNetworkAdapter<C, u64, Router>;
+    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> Self::Network {
+        GroupNetworkAdapter::new(self.0.factory.clone(), target, self.0.group_id)
     }
 }
 
@@ -553,15 +827,77 @@ fn group_of(key: &str, groups: u64) -> u64 {
     h % groups + 1
 }
 
+/// (sending node, transfer id) of a snapshot being received.
+type TransferKey = (u64, u64);
+/// A snapshot being received: (group, bytes so far, chunks so far).
+type Incoming = (u64, Vec<u8>, u32);
+
 struct NodeState {
     id: u64,
     groups: u64,
     rafts: BTreeMap<u64, Rf>,
     sms: BTreeMap<u64, KvStateMachine>,
     memory_log: bool,
+    /// Snapshots being received: (sender, transfer) -> (group, bytes so far).
+    incoming: Mutex<HashMap<TransferKey, Incoming>>,
 }
 
 impl NodeState {
+    /// Stores one chunk of an incoming snapshot; on the last, installs the whole.
+    async fn snapshot_chunk(
+        &self,
+        group: u64,
+        key: (u64, u64),
+        offset: u64,
+        data: Vec<u8>,
+        last: Option<(VoteOf<C>, SnapshotMetaOf<C>)>,
+    ) -> Result<Option<SnapshotResponse<C>>, String> {
+        let raft = self.raft(group)?;
+        let assembled = {
+            let mut incoming = self.incoming.lock();
+            if offset == 0 {
+                incoming.insert(key, (group, Vec::new(), 0));
+            }
+            let Some((g, buf, chunks)) = incoming.get_mut(&key) else {
+                return Err(format!(
+                    "snapshot transfer {key:?}: chunk at {offset} without a start"
+                ));
+            };
+            if *g != group || buf.len() as u64 != offset {
+                incoming.remove(&key);
+                return Err(format!("snapshot transfer {key:?}: chunk out of order"));
+            }
+            buf.extend_from_slice(&data);
+            *chunks += 1;
+            if last.is_some() {
+                incoming.remove(&key).map(|(_, b, n)| (b, n))
+            } else {
+                None
+            }
+        };
+        match (last, assembled) {
+            (Some((vote, meta)), Some((bytes, chunks))) => {
+                println!(
+                    "node {}: group {group}: installing a snapshot of {} bytes from node {} \
+                     (last log id {:?}), received in {chunks} chunks",
+                    self.id,
+                    bytes.len(),
+                    key.0,
+                    meta.last_log_id
+                );
+                let snapshot = Snapshot {
+                    meta,
+                    snapshot: bytes,
+                };
+                raft.install_full_snapshot(vote, snapshot)
+                    .await
+                    .map(Some)
+                    .map_err(|e| e.to_string())
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn raft(&self, group: u64) -> Result<&Rf, String> {
         self.rafts
             .get(&group)
@@ -605,25 +941,21 @@ impl NodeState {
                 Ok(raft) => Response::Vote(raft.vote(rpc).await.map_err(|e| e.to_string())),
                 Err(e) => Response::Vote(Err(e)),
             },
-            Request::Snapshot {
-                group,
-                vote,
-                meta,
-                data,
-            } => match self.raft(group) {
-                Ok(raft) => {
-                    let snapshot = Snapshot {
-                        meta,
-                        snapshot: data,
-                    };
-                    Response::Snapshot(
-                        raft.install_full_snapshot(vote, snapshot)
-                            .await
-                            .map_err(|e| e.to_string()),
-                    )
-                }
-                Err(e) => Response::Snapshot(Err(e)),
+            Request::PreVote { group, rpc } => match self.raft(group) {
+                Ok(raft) => Response::Vote(raft.pre_vote(rpc).await.map_err(|e| e.to_string())),
+                Err(e) => Response::Vote(Err(e)),
             },
+            Request::SnapshotChunk {
+                group,
+                transfer,
+                from,
+                offset,
+                data,
+                last,
+            } => Response::Snapshot(
+                self.snapshot_chunk(group, (from, transfer), offset, data, last)
+                    .await,
+            ),
             Request::TransferLeader { group, req } => match self.raft(group) {
                 Ok(raft) => Response::TransferLeader(
                     raft.handle_transfer_leader(req)
@@ -654,10 +986,16 @@ impl NodeState {
             Request::Status => {
                 let mut members = BTreeMap::new();
                 let mut leaders = BTreeMap::new();
+                let mut terms = BTreeMap::new();
+                let mut confirmed = Vec::new();
                 for (&group, raft) in &self.rafts {
                     let m = raft.metrics();
                     let m = openraft::async_runtime::watch::WatchReceiver::borrow_watched(&m);
                     leaders.insert(group, m.current_leader);
+                    terms.insert(group, m.current_term);
+                    if m.state == openraft::ServerState::Leader && m.last_quorum_acked.is_some() {
+                        confirmed.push(group);
+                    }
                     for (id, node) in m.membership_config.membership().nodes() {
                         members.insert(*id, node.addr.clone());
                     }
@@ -667,22 +1005,11 @@ impl NodeState {
                     groups: self.groups,
                     members,
                     leaders,
+                    terms,
+                    confirmed,
                     memory_log: self.memory_log,
                 })
             }
-        }
-    }
-}
-
-async fn serve_connection(node: Arc<NodeState>, mut stream: TcpStream) {
-    loop {
-        let req: Request = match read_frame(&mut stream).await {
-            Ok(r) => r,
-            Err(_) => return, // closed or garbage: drop the connection
-        };
-        let resp = node.handle(req).await;
-        if write_frame(&mut stream, &resp).await.is_err() {
-            return;
         }
     }
 }
@@ -717,21 +1044,24 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         bail!("--groups must be at least 1");
     }
 
+    // Raft timing for many groups: every group sends its own heartbeats, so their cost grows
+    // with groups x 1/interval (see docs/ADAPTER.md for the measured idle CPU).
     let config = Arc::new(
         Config {
             cluster_name: "multiraft-wal-example".into(),
-            heartbeat_interval: 100,
-            election_timeout_min: 500,
-            election_timeout_max: 1000,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
-            max_in_snapshot_log_to_keep: 1_000,
+            heartbeat_interval: args.heartbeat_ms,
+            election_timeout_min: args.election_min_ms,
+            election_timeout_max: args.election_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(args.snapshot_every),
+            max_in_snapshot_log_to_keep: 1_000.min(args.snapshot_every / 2),
             ..Default::default()
         }
         .validate()?,
     );
 
-    let engine = if args.memory_log {
-        None
+    let started = Instant::now();
+    let (engine, snapshots) = if args.memory_log {
+        (None, None)
     } else {
         let options = Options::default().segment_size(args.segment_size);
         let engine = Engine::open(&args.data_dir, options)
@@ -741,43 +1071,60 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             "node {}: engine opened in {:?}: {report:?}",
             args.id, args.data_dir
         );
-        Some(engine)
+        let snapshots = SnapshotStore::open(args.data_dir.join("snapshots"))?;
+        (Some(engine), Some(snapshots))
     };
 
-    let peers = Peers::default();
+    let router = Router {
+        by_addr: Arc::default(),
+        members: Arc::new(members.clone()),
+        me: args.id,
+        next_transfer: Arc::default(),
+        snapshot_chunk: args.snapshot_chunk.max(1),
+    };
+    // Start the groups concurrently.
+    let mut starting = tokio::task::JoinSet::new();
+    for group in 1..=args.groups {
+        let net = NetFactory(GroupNetworkFactory::new(router.clone(), group));
+        let (config, engine, snapshots, id) =
+            (config.clone(), engine.clone(), snapshots.clone(), args.id);
+        starting.spawn(async move {
+            let started: anyhow::Result<(u64, Rf, KvStateMachine)> = match (engine, snapshots) {
+                (Some(engine), Some(snapshots)) => {
+                    let sm = KvStateMachine::open_async(snapshots, group).await?;
+                    let log = GroupLogStore::<C>::new(engine, group);
+                    let raft = Raft::new(id, config, net, log, sm.clone()).await?;
+                    Ok((group, raft, sm))
+                }
+                _ => {
+                    let sm = KvStateMachine::new();
+                    let raft = Raft::new(id, config, net, MemLog::default(), sm.clone()).await?;
+                    Ok((group, raft, sm))
+                }
+            };
+            started
+        });
+    }
     let mut rafts = BTreeMap::new();
     let mut sms = BTreeMap::new();
-    for group in 1..=args.groups {
-        let net = Net {
-            peers: peers.clone(),
-            group,
-        };
-        let (raft, sm) = match &engine {
-            Some(engine) => {
-                let sm = KvStateMachine::open(engine.clone(), group)?;
-                let log = GroupLogStore::<C>::new(engine.clone(), group);
-                (
-                    Raft::new(args.id, config.clone(), net, log, sm.clone()).await?,
-                    sm,
-                )
-            }
-            None => {
-                let sm = KvStateMachine::new();
-                (
-                    Raft::new(args.id, config.clone(), net, MemLog::default(), sm.clone()).await?,
-                    sm,
-                )
-            }
-        };
+    while let Some(joined) = starting.join_next().await {
+        let (group, raft, sm) = joined??;
         rafts.insert(group, raft);
         sms.insert(group, sm);
     }
+    println!(
+        "node {}: {} groups started in {:.2} s",
+        args.id,
+        args.groups,
+        started.elapsed().as_secs_f64()
+    );
     let node = Arc::new(NodeState {
         id: args.id,
         groups: args.groups,
         rafts,
         sms,
         memory_log: args.memory_log,
+        incoming: Mutex::default(),
     });
 
     let listener = TcpListener::bind(&me)
@@ -794,7 +1141,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         }
     );
 
-    if args.id == 1 {
+    {
         let node = node.clone();
         tokio::spawn(async move {
             if let Err(e) = initialize(&node, &members).await {
@@ -818,17 +1165,26 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         });
     }
 
+    // Accept errors (out of file descriptors, a connection reset before accept) are logged and
+    // retried: a node never exits because of one.
     let accept = async {
         loop {
-            let (stream, _) = listener.accept().await?;
-            stream.set_nodelay(true)?;
-            tokio::spawn(serve_connection(node.clone(), stream));
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!("set_nodelay: {e}");
+                    }
+                    tokio::spawn(serve_connection(node.clone(), stream));
+                }
+                Err(e) => {
+                    tracing::warn!("accept: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
-        #[allow(unreachable_code)]
-        io::Result::Ok(())
     };
     tokio::select! {
-        r = accept => r?,
+        _ = accept => {}
         _ = tokio::signal::ctrl_c() => println!("node {}: shutting down", args.id),
     }
     for raft in node.rafts.values() {
@@ -840,47 +1196,63 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Node 1, first start: initialize every group with all members, then move the leadership of
-/// group g to member (g - 1) mod n, so that every node leads some groups.
+/// First start: each node initializes the groups it is to lead (group g goes to the
+/// ((g - 1) mod n)-th member), with all members as voters. The leadership is spread over the
+/// nodes from the first election on, with no leadership transfers (each would be a second
+/// election). Groups already initialized (a restart) are left alone.
 async fn initialize(node: &NodeState, members: &BTreeMap<u64, String>) -> anyhow::Result<()> {
     let nodes: BTreeMap<u64, BasicNode> = members
         .iter()
         .map(|(&id, addr)| (id, BasicNode { addr: addr.clone() }))
         .collect();
     let ids: Vec<u64> = nodes.keys().copied().collect();
-    for (&group, raft) in &node.rafts {
-        if raft.is_initialized().await? {
-            continue;
+    let mine: Vec<(u64, Rf)> = node
+        .rafts
+        .iter()
+        .filter(|(&g, _)| ids.get(((g - 1) % ids.len() as u64) as usize) == Some(&node.id))
+        .map(|(&g, r)| (g, r.clone()))
+        .collect();
+    let mut fresh = Vec::new();
+    for (g, raft) in mine {
+        if !raft.is_initialized().await? {
+            fresh.push((g, raft));
         }
-        raft.initialize(nodes.clone()).await?;
-        let Some(&target) = ids.get(((group - 1) % ids.len() as u64) as usize) else {
-            continue;
-        };
-        if target == node.id {
-            continue;
-        }
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            let wait = raft.wait(Some(Duration::from_secs(60)));
-            // Hand over once the target has the log (so the transfer can succeed).
-            let ready = wait
-                .metrics(
-                    |m| {
-                        m.replication
-                            .as_ref()
-                            .is_some_and(|r| r.get(&target).is_some_and(|x| x.is_some()))
-                    },
-                    "target replicated",
-                )
-                .await;
-            if ready.is_ok() {
-                let _ = raft.trigger().transfer_leader(target).await;
+    }
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    // Wait (up to a minute) until every member answers, so that the groups' first elections
+    // do not fail on a node still starting and fall back to election timeouts.
+    let probe = Router::default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (&id, addr) in members.iter().filter(|(&id, _)| id != node.id) {
+        while Instant::now() < deadline {
+            match probe
+                .get(addr)
+                .call_within(&Request::Status, Duration::from_secs(1))
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!("waiting for node {id} at {addr}: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
-        });
+        }
+    }
+    let count = fresh.len();
+    let mut inits = tokio::task::JoinSet::new();
+    for (_, raft) in fresh {
+        let nodes = nodes.clone();
+        inits.spawn(async move { raft.initialize(nodes).await });
+    }
+    while let Some(r) = inits.join_next().await {
+        r??;
     }
     println!(
-        "node {}: initialized groups with members {members:?}",
-        node.id
+        "node {}: initialized {count} groups with members {members:?}, {:.2} s after start",
+        node.id,
+        START.get().map_or(0.0, |s| s.elapsed().as_secs_f64())
     );
     Ok(())
 }
@@ -891,7 +1263,7 @@ async fn initialize(node: &NodeState, members: &BTreeMap<u64, String>) -> anyhow
 /// Routes each request to the leader of its group, learning leaders from the nodes' answers.
 #[derive(Clone)]
 struct Client {
-    peers: Peers,
+    peers: Router,
     members: BTreeMap<u64, String>,
     groups: u64,
     /// Leader address per group, when known.
@@ -902,7 +1274,7 @@ struct Client {
 impl Client {
     async fn connect(addr: &str) -> anyhow::Result<(Self, Status)> {
         let seed = loopback(addr)?;
-        let peers = Peers::default();
+        let peers = Router::default();
         let status = match peers.get(&seed).call(&Request::Status).await? {
             Response::Status(s) => s,
             _ => bail!("unexpected answer to status"),
@@ -1223,12 +1595,219 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn run_load(
+    addr: String,
+    acked: PathBuf,
+    duration: Duration,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (client, _) = Client::connect(&addr).await?;
+    let run: u64 = rand::random::<u32>().into();
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&acked)
+        .await
+        .with_context(|| format!("opening {acked:?}"))?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();
+    let deadline = Instant::now() + duration;
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..concurrency.max(1) {
+        let (mut c, tx, failed) = (client.clone(), tx.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let key = format!("crash-{run}-{t}-{n}");
+                let value = format!("v-{run}-{t}-{n}");
+                n += 1;
+                match c.put(key.clone(), value.clone()).await {
+                    Ok(_) => {
+                        let _ = tx.send((key, value));
+                    }
+                    // Not acknowledged: it may or may not have been applied; not checked.
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let mut count = 0u64;
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            item = rx.recv() => match item {
+                Some((k, v)) => {
+                    // Recorded only after the cluster acknowledged it.
+                    file.write_all(format!("{k} {v}\n").as_bytes()).await?;
+                    file.flush().await?;
+                    count += 1;
+                }
+                None => break,
+            },
+            _ = &mut stop => break,
+        }
+    }
+    file.sync_all().await?;
+    println!(
+        "load: {count} acknowledged writes, {} not acknowledged",
+        failed.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+async fn run_verify(addr: String, acked: PathBuf, concurrency: usize) -> anyhow::Result<()> {
+    let (client, _) = Client::connect(&addr).await?;
+    let text = tokio::fs::read_to_string(&acked)
+        .await
+        .with_context(|| format!("reading {acked:?}"))?;
+    let pairs: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let pairs = Arc::new(pairs);
+    let next = Arc::new(AtomicU64::new(0));
+    let bad = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (mut c, pairs, next, bad) = (client.clone(), pairs.clone(), next.clone(), bad.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some((k, v)) = pairs.get(i) else { return };
+                match c.get(k.clone()).await {
+                    Ok(Some(got)) if got == *v => {}
+                    Ok(got) => bad.lock().push(format!("{k}: expected {v}, read {got:?}")),
+                    Err(e) => bad.lock().push(format!("{k}: read failed: {e}")),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let bad = bad.lock();
+    println!(
+        "verify: {} acknowledged writes checked, {} missing or wrong",
+        pairs.len(),
+        bad.len()
+    );
+    for line in bad.iter().take(20) {
+        println!("  {line}");
+    }
+    if !bad.is_empty() {
+        bail!("{} acknowledged writes were lost", bad.len());
+    }
+    Ok(())
+}
+
+/// Polls every node's status until all of them know a leader for every group and agree on it.
+async fn wait_leaders(addrs: Vec<String>, timeout: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let router = Router::default();
+    let addrs = addrs
+        .iter()
+        .map(|a| loopback(a))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut last = String::from("no node answered yet");
+    while start.elapsed() < timeout {
+        let mut views = Vec::new();
+        for addr in &addrs {
+            match router
+                .get(addr)
+                .call_within(&Request::Status, Duration::from_secs(5))
+                .await
+            {
+                Ok(Response::Status(s)) => views.push(s),
+                Ok(_) => last = format!("{addr}: unexpected answer"),
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        if views.len() == addrs.len() {
+            let groups = views[0].groups;
+            let mut without = 0u64;
+            let mut disagree = 0u64;
+            // A group counts once one node leads it with a quorum acknowledgement since it
+            // became leader, and every node names that node as leader in the same term (a
+            // leader remembered from before a restart does not count).
+            let confirmed: Vec<std::collections::HashSet<u64>> = views
+                .iter()
+                .map(|v| v.confirmed.iter().copied().collect())
+                .collect();
+            for g in 1..=groups {
+                let seen: Vec<(Option<u64>, Option<u64>)> = views
+                    .iter()
+                    .map(|v| {
+                        (
+                            v.leaders.get(&g).copied().flatten(),
+                            v.terms.get(&g).copied(),
+                        )
+                    })
+                    .collect();
+                let leader = seen[0].0;
+                let leader_confirmed = leader.is_some_and(|l| {
+                    views
+                        .iter()
+                        .zip(&confirmed)
+                        .any(|(v, c)| v.id == l && c.contains(&g))
+                });
+                if seen.iter().any(|(l, _)| l.is_none()) || !leader_confirmed {
+                    without += 1;
+                } else if seen.iter().any(|s| *s != seen[0]) {
+                    disagree += 1;
+                }
+            }
+            if without == 0 && disagree == 0 {
+                println!(
+                    "all {groups} groups have one leader on all {} nodes after {:.2} s",
+                    addrs.len(),
+                    start.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            last = format!("{without} groups without a leader, {disagree} with disagreeing views");
+            if std::env::var_os("WAIT_LEADERS_PROGRESS").is_some() {
+                eprintln!("{:7.2} s: {last}", start.elapsed().as_secs_f64());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("not every group had a leader after {timeout:?}: {last}")
+}
+
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 fn main() -> anyhow::Result<()> {
+    START.get_or_init(Instant::now);
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Node(args) => rt.block_on(run_node(args)),
         Command::Client { addr, op } => rt.block_on(run_client(addr, op)),
         Command::Bench(args) => rt.block_on(run_bench(args)),
+        Command::Load {
+            addr,
+            acked,
+            duration_s,
+            concurrency,
+        } => rt.block_on(run_load(
+            addr,
+            acked,
+            Duration::from_secs(duration_s),
+            concurrency,
+        )),
+        Command::Verify {
+            addr,
+            acked,
+            concurrency,
+        } => rt.block_on(run_verify(addr, acked, concurrency)),
+        Command::WaitLeaders { addrs, timeout_s } => {
+            rt.block_on(wait_leaders(addrs, Duration::from_secs(timeout_s)))
+        }
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use multiraft_wal::raft::kv::{KvRequest, KvSnapshotData, KvStateMachine, KvTypeConfig};
-use multiraft_wal::raft::GroupLogStore;
+use multiraft_wal::raft::{GroupLogStore, SnapshotStore};
 use multiraft_wal::{Engine, Options};
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::RPCOption;
@@ -87,7 +87,9 @@ async fn start(dir: &Path) -> anyhow::Result<(Engine, Node, KvStateMachine)> {
         ..Default::default()
     };
     let log = GroupLogStore::<C>::new(engine.clone(), GROUP);
-    let sm = KvStateMachine::open(engine.clone(), GROUP)?;
+    // Snapshots go to files of their own, beside (not inside) the log.
+    let snapshots = SnapshotStore::open(dir.join("snapshots"))?;
+    let sm = KvStateMachine::open_async(snapshots, GROUP).await?;
     let raft = Raft::new(
         NODE_ID,
         Arc::new(config.validate()?),

@@ -20,6 +20,10 @@ mod options;
 mod pipeline;
 #[cfg(feature = "openraft")]
 pub mod raft;
+#[cfg(feature = "openraft09")]
+pub mod raft09;
+#[cfg(any(feature = "openraft", feature = "openraft09"))]
+pub mod raft_shared;
 mod recovery;
 mod segment;
 

@@ -2,13 +2,19 @@
 //!
 //! It exists for the tests and examples of this crate (and as a starting point for users); it
 //! is the only state machine in the repository. The map lives in memory. Snapshots can
-//! optionally be kept in the engine, in the key space of the group they belong to, so that a
-//! node restarted from its data directory resumes from its last snapshot and openraft re-applies
+//! optionally be kept in a [`SnapshotStore`] (files apart from the engine), so that a node
+//! restarted from its data directory resumes from its last snapshot and openraft re-applies
 //! the log after it (which is why the adapter persists the committed log id).
 //!
-//! Invariant: a persisted snapshot is durable (synced write) before `build_snapshot` or
-//! `install_snapshot` returns, so openraft's purge of the log it covers, which comes after, can
-//! never leave the group with neither the log nor the snapshot.
+//! Invariants:
+//! - A persisted snapshot is durable (file fsynced, renamed, directory fsynced) before
+//!   `build_snapshot` or `install_snapshot` returns, so openraft's purge of the log it covers,
+//!   which comes after, can never leave the group with neither the log nor the snapshot.
+//! - No lock is held while a snapshot is encoded or decoded: the map is shared copy-on-write
+//!   (`Arc`), so `build_snapshot` takes a reference under the lock and encodes after releasing
+//!   it; an `apply` meanwhile copies the map once instead of waiting.
+//! - With a store, encoding, decoding and file I/O run on the store's worker threads: no async
+//!   runtime thread blocks on them. Without one (`KvStateMachine::new`), encoding runs inline.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,10 +26,11 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, S
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::{EntryPayload, OptionalSend, StoredMembership};
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::codec::bincode_decode as decode;
-use crate::{Engine, WriteBatch};
+use crate::raft_shared::codec::bincode_decode as decode;
+use crate::raft_shared::kv::apply_request;
+use crate::raft_shared::snapshot::{SnapshotError, SnapshotStore};
 
 openraft::declare_raft_types!(
     /// The type config of the reference key-value store: `u64` node ids, [`openraft::BasicNode`]
@@ -33,63 +40,24 @@ openraft::declare_raft_types!(
         R = KvResponse,
 );
 
-/// The key, in a group's key space, under which [`KvStateMachine::open`] keeps the snapshot.
-pub const SNAPSHOT_KEY: &[u8] = b"kv/snapshot";
-
-/// A change to the map.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum KvRequest {
-    /// Sets `key` to `value`.
-    Set {
-        /// The key.
-        key: String,
-        /// The new value.
-        value: String,
-    },
-    /// Sets many keys at once (one log entry).
-    SetMany {
-        /// `(key, value)` pairs, applied in order.
-        pairs: Vec<(String, String)>,
-    },
-    /// Removes `key`.
-    Delete {
-        /// The key.
-        key: String,
-    },
-}
-
-impl fmt::Display for KvRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            KvRequest::Set { key, value } => write!(f, "set {key}={value}"),
-            KvRequest::SetMany { pairs } => write!(f, "set {} keys", pairs.len()),
-            KvRequest::Delete { key } => write!(f, "delete {key}"),
-        }
-    }
-}
-
-/// The answer to a [`KvRequest`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KvResponse {
-    /// The previous value of the key (`Set`, `Delete`); `None` for `SetMany`.
-    pub previous: Option<String>,
-}
+pub use crate::raft_shared::kv::{KvRequest, KvResponse};
 
 /// The snapshot data: the map, encoded with bincode 2.
 pub type KvSnapshotData = Vec<u8>;
 
-#[derive(Clone)]
-struct StoredSnapshot {
-    meta: SnapshotMetaOf<KvTypeConfig>,
-    data: KvSnapshotData,
-}
+type Meta = SnapshotMetaOf<KvTypeConfig>;
+type Map = BTreeMap<String, String>;
 
 #[derive(Default)]
 struct State {
     last_applied: Option<LogIdOf<KvTypeConfig>>,
     last_membership: StoredMembershipOf<KvTypeConfig>,
-    map: BTreeMap<String, String>,
-    snapshot: Option<StoredSnapshot>,
+    /// Copy-on-write: a snapshot being encoded holds a clone of the `Arc`.
+    map: Arc<Map>,
+    /// The meta of the current snapshot.
+    snapshot_meta: Option<Meta>,
+    /// The current snapshot's data, kept in memory only when there is no store.
+    snapshot_data: Option<Arc<KvSnapshotData>>,
 }
 
 /// The reference key-value state machine. Cheap to clone; clones share the map, so keep one to
@@ -97,8 +65,8 @@ struct State {
 #[derive(Clone, Default)]
 pub struct KvStateMachine {
     state: Arc<Mutex<State>>,
-    /// Where snapshots are persisted, if anywhere.
-    home: Option<(Engine, u64)>,
+    /// Where snapshots are persisted, if anywhere: the store and this machine's group.
+    home: Option<(SnapshotStore, u64)>,
 }
 
 impl fmt::Debug for KvStateMachine {
@@ -114,8 +82,20 @@ impl fmt::Debug for KvStateMachine {
 
 fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    super::codec::bincode_encode(value, &mut out)?;
+    crate::raft_shared::codec::bincode_encode(value, &mut out)?;
     Ok(out)
+}
+
+/// Encodes the map and the meta (CPU work: run it off the runtime when there is a store).
+fn encode_snapshot(meta: &Meta, map: &Map) -> io::Result<(Vec<u8>, KvSnapshotData)> {
+    Ok((encode(meta)?, encode(map)?))
+}
+
+fn to_store_err(e: io::Error) -> SnapshotError {
+    SnapshotError::Io {
+        context: "encoding or decoding a snapshot".into(),
+        source: e,
+    }
 }
 
 impl KvStateMachine {
@@ -124,21 +104,38 @@ impl KvStateMachine {
         Self::default()
     }
 
-    /// A state machine whose snapshots are kept in `engine` under [`SNAPSHOT_KEY`] of `group`;
-    /// starts from the snapshot found there, if any.
-    pub fn open(engine: Engine, group: u64) -> io::Result<Self> {
+    /// A state machine whose snapshots are kept in `store` for `group`; starts from the newest
+    /// snapshot found there, if any. Blocks to read it: from async code use
+    /// [`KvStateMachine::open_async`].
+    pub fn open(store: SnapshotStore, group: u64) -> io::Result<Self> {
+        let stored = store.load(group)?;
+        Self::from_stored(store, group, stored.map(|s| (s.meta, s.data)))
+    }
+
+    /// [`KvStateMachine::open`] without blocking the caller's thread: the snapshot is read on
+    /// the store's worker threads.
+    pub async fn open_async(store: SnapshotStore, group: u64) -> io::Result<Self> {
+        let stored = store.load_async(group).await?;
+        Self::from_stored(store, group, stored.map(|s| (s.meta, s.data)))
+    }
+
+    fn from_stored(
+        store: SnapshotStore,
+        group: u64,
+        stored: Option<(Vec<u8>, Vec<u8>)>,
+    ) -> io::Result<Self> {
         let mut state = State::default();
-        if let Some(bytes) = engine.get(group, SNAPSHOT_KEY) {
-            let (meta, data): (SnapshotMetaOf<KvTypeConfig>, KvSnapshotData) =
-                decode(&bytes, "stored snapshot")?;
-            state.map = decode(&data, "snapshot data")?;
+        if let Some((meta, data)) = stored {
+            let meta: Meta = decode(&meta, "snapshot meta")?;
+            let map: Map = decode(&data, "snapshot data")?;
+            state.map = Arc::new(map);
             state.last_applied = meta.last_log_id;
             state.last_membership = meta.last_membership.clone();
-            state.snapshot = Some(StoredSnapshot { meta, data });
+            state.snapshot_meta = Some(meta);
         }
         Ok(Self {
             state: Arc::new(Mutex::new(state)),
-            home: Some((engine, group)),
+            home: Some((store, group)),
         })
     }
 
@@ -149,7 +146,8 @@ impl KvStateMachine {
 
     /// A copy of the whole map.
     pub fn to_map(&self) -> BTreeMap<String, String> {
-        self.state.lock().map.clone()
+        let map = self.state.lock().map.clone();
+        (*map).clone()
     }
 
     /// The number of keys.
@@ -167,31 +165,24 @@ impl KvStateMachine {
         self.state.lock().last_applied
     }
 
-    fn persist(&self, snapshot: &StoredSnapshot) -> io::Result<()> {
-        let Some((engine, group)) = &self.home else {
-            return Ok(());
-        };
-        let bytes = encode(&(&snapshot.meta, &snapshot.data))?;
-        let mut batch = WriteBatch::new();
-        batch.put(*group, SNAPSHOT_KEY, &bytes);
-        engine
-            .write(batch)
-            .map_err(|e| io::Error::other(format!("persisting snapshot of group {group}: {e}")))
+    /// The meta of the current snapshot, if any.
+    pub fn snapshot_meta(&self) -> Option<SnapshotMetaOf<KvTypeConfig>> {
+        self.state.lock().snapshot_meta.clone()
     }
-}
 
-fn apply_request(map: &mut BTreeMap<String, String>, request: KvRequest) -> KvResponse {
-    match request {
-        KvRequest::Set { key, value } => KvResponse {
-            previous: map.insert(key, value),
-        },
-        KvRequest::SetMany { pairs } => {
-            map.extend(pairs);
-            KvResponse { previous: None }
+    /// Records `meta` as the current snapshot unless a newer one is already current.
+    fn set_current(&self, meta: Meta, data: Option<Arc<KvSnapshotData>>) {
+        let mut state = self.state.lock();
+        let newer = state
+            .snapshot_meta
+            .as_ref()
+            .is_some_and(|m| m.last_log_id > meta.last_log_id);
+        if !newer {
+            state.snapshot_meta = Some(meta);
+            if self.home.is_none() {
+                state.snapshot_data = data;
+            }
         }
-        KvRequest::Delete { key } => KvResponse {
-            previous: map.remove(&key),
-        },
     }
 }
 
@@ -201,20 +192,37 @@ impl RaftSnapshotBuilder<KvTypeConfig> for KvStateMachine {
     async fn build_snapshot(
         &mut self,
     ) -> Result<SnapshotOf<KvTypeConfig, KvSnapshotData>, io::Error> {
-        let snapshot = {
+        // Under the lock: an `Arc` clone and the meta, nothing proportional to the map.
+        let (meta, map) = {
             let state = self.state.lock();
-            let data = encode(&state.map)?;
-            let meta = SnapshotMetaOf::<KvTypeConfig> {
+            let meta = Meta {
                 last_log_id: state.last_applied,
                 last_membership: state.last_membership.clone(),
             };
-            StoredSnapshot { meta, data }
+            (meta, state.map.clone())
         };
-        self.persist(&snapshot)?;
-        self.state.lock().snapshot = Some(snapshot.clone());
+        let data = match &self.home {
+            Some((store, group)) => {
+                let (store, group) = (store.clone(), *group);
+                let meta = meta.clone();
+                // Encode and store on the store's workers; durable when this resolves.
+                store
+                    .clone()
+                    .run(move || {
+                        let (meta_bytes, data) =
+                            encode_snapshot(&meta, &map).map_err(to_store_err)?;
+                        store.save(group, &meta_bytes, &data)?;
+                        Ok(data)
+                    })
+                    .await?
+            }
+            None => encode(&*map)?,
+        };
+        let data = Arc::new(data);
+        self.set_current(meta.clone(), Some(data.clone()));
         Ok(Snapshot {
-            meta: snapshot.meta,
-            snapshot: snapshot.data,
+            meta,
+            snapshot: Arc::unwrap_or_clone(data),
         })
     }
 }
@@ -247,7 +255,10 @@ impl RaftStateMachine<KvTypeConfig> for KvStateMachine {
                 state.last_applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => KvResponse::default(),
-                    EntryPayload::Normal(request) => apply_request(&mut state.map, request),
+                    EntryPayload::Normal(request) => {
+                        // Copies the map only if a snapshot is being encoded from it right now.
+                        apply_request(Arc::make_mut(&mut state.map), request)
+                    }
                     EntryPayload::Membership(membership) => {
                         state.last_membership =
                             StoredMembership::new(Some(entry.log_id), membership);
@@ -271,27 +282,61 @@ impl RaftStateMachine<KvTypeConfig> for KvStateMachine {
         meta: &SnapshotMetaOf<KvTypeConfig>,
         snapshot: KvSnapshotData,
     ) -> Result<(), io::Error> {
-        let map: BTreeMap<String, String> = decode(&snapshot, "snapshot data")?;
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: snapshot,
+        let meta = meta.clone();
+        let (map, data) = match &self.home {
+            Some((store, group)) => {
+                let (store, group) = (store.clone(), *group);
+                let meta = meta.clone();
+                // Decode (checks the bytes before anything is replaced), then store durably.
+                store
+                    .clone()
+                    .run(move || {
+                        let map: Map = decode(&snapshot, "snapshot data").map_err(to_store_err)?;
+                        let meta_bytes = encode(&meta).map_err(to_store_err)?;
+                        store.save(group, &meta_bytes, &snapshot)?;
+                        Ok((map, None))
+                    })
+                    .await?
+            }
+            None => {
+                let map: Map = decode(&snapshot, "snapshot data")?;
+                (map, Some(Arc::new(snapshot)))
+            }
         };
-        self.persist(&stored)?;
-        let mut state = self.state.lock();
-        state.map = map;
-        state.last_applied = meta.last_log_id;
-        state.last_membership = meta.last_membership.clone();
-        state.snapshot = Some(stored);
+        {
+            let mut state = self.state.lock();
+            state.map = Arc::new(map);
+            state.last_applied = meta.last_log_id;
+            state.last_membership = meta.last_membership.clone();
+        }
+        self.set_current(meta, data);
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<SnapshotOf<KvTypeConfig, KvSnapshotData>>, io::Error> {
-        let state = self.state.lock();
-        Ok(state.snapshot.clone().map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: s.data,
-        }))
+        match &self.home {
+            Some((store, group)) => {
+                let Some(stored) = store.load_async(*group).await? else {
+                    return Ok(None);
+                };
+                let meta: Meta = decode(&stored.meta, "snapshot meta")?;
+                Ok(Some(Snapshot {
+                    meta,
+                    snapshot: stored.data,
+                }))
+            }
+            None => {
+                let state = self.state.lock();
+                Ok(match (&state.snapshot_meta, &state.snapshot_data) {
+                    (Some(meta), Some(data)) => Some(Snapshot {
+                        meta: meta.clone(),
+                        snapshot: (**data).clone(),
+                    }),
+                    _ => None,
+                })
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io;
 use std::marker::PhantomData;
-use std::ops::{Bound, Range, RangeBounds};
+use std::ops::{Range, RangeBounds};
 
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
@@ -14,15 +14,9 @@ use openraft::{
 };
 
 use super::codec::{BincodeCodec, Codec};
-use crate::{Engine, Error, WriteBatch};
-
-/// The key, in the group's key space, under which the last purged log id is kept.
-///
-/// It is written in the same batch as the purge itself, so the two are never seen apart.
-pub const LAST_PURGED_KEY: &[u8] = b"raft/last_purged";
-
-/// Default cap on the bytes one [`RaftLogReader::limited_get_log_entries`] call returns: 1 MiB.
-pub const DEFAULT_MAX_READ_BYTES: usize = 1 << 20;
+use crate::raft_shared::group::{encode_append, error_kind, to_range, GroupCore};
+pub use crate::raft_shared::group::{DEFAULT_MAX_READ_BYTES, LAST_PURGED_KEY};
+use crate::{Engine, Error};
 
 /// The openraft log storage of one Raft group, backed by a shared [`Engine`].
 ///
@@ -36,35 +30,31 @@ pub const DEFAULT_MAX_READ_BYTES: usize = 1 << 20;
 /// | call | engine write | durable when it returns |
 /// |---|---|---|
 /// | `append` | one batch of entries, `write_async` | no: the callback reports it |
-/// | `save_vote` | `set_vote`, `write` | yes |
+/// | `save_vote` | `set_vote`, `write_durable(..).await` | yes |
 /// | `save_committed` | `set_committed`, `write_unsynced` | no (ordered before any later write) |
-/// | `truncate_after` | `truncate_from`, `write` | yes |
+/// | `truncate_after` | `truncate_from`, `write_unsynced` | no (ordered; see docs/ADAPTER.md) |
 /// | `purge` | `purge_to` + put [`LAST_PURGED_KEY`], `write_unsynced` | no (ordered) |
 ///
 /// The engine's log is one ordered stream, so an unsynced write becomes durable no later than
 /// the next synced one, and never after a write issued later: a recovered `committed` or purge
 /// never refers to entries the crash lost.
 ///
-/// Synced writes (`save_vote`, `truncate_after`) block the calling thread for one fdatasync;
-/// they are rare in a running cluster (elections and conflicts).
+/// `save_vote` awaits the group commit's fdatasync without holding a thread: the votes of every
+/// group voting at once share one fdatasync.
 ///
 /// Two handles of the same group must not be written concurrently: openraft writes through one
 /// handle from its core task and reads through clones.
 pub struct GroupLogStore<C: RaftTypeConfig, K: Codec<C> = BincodeCodec> {
-    engine: Engine,
-    group: u64,
+    core: GroupCore,
     codec: K,
-    max_read_bytes: usize,
     _config: PhantomData<fn() -> C>,
 }
 
 impl<C: RaftTypeConfig, K: Codec<C>> Clone for GroupLogStore<C, K> {
     fn clone(&self) -> Self {
         Self {
-            engine: self.engine.clone(),
-            group: self.group,
+            core: self.core.clone(),
             codec: self.codec.clone(),
-            max_read_bytes: self.max_read_bytes,
             _config: PhantomData,
         }
     }
@@ -73,9 +63,9 @@ impl<C: RaftTypeConfig, K: Codec<C>> Clone for GroupLogStore<C, K> {
 impl<C: RaftTypeConfig, K: Codec<C> + fmt::Debug> fmt::Debug for GroupLogStore<C, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GroupLogStore")
-            .field("group", &self.group)
+            .field("group", &self.core.group)
             .field("codec", &self.codec)
-            .field("max_read_bytes", &self.max_read_bytes)
+            .field("max_read_bytes", &self.core.max_read_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -95,10 +85,8 @@ impl<C: RaftTypeConfig, K: Codec<C>> GroupLogStore<C, K> {
     /// Every handle that ever opens a group must use the same codec.
     pub fn with_codec(engine: Engine, group: u64, codec: K) -> Self {
         Self {
-            engine,
-            group,
+            core: GroupCore::new(engine, group),
             codec,
-            max_read_bytes: DEFAULT_MAX_READ_BYTES,
             _config: PhantomData,
         }
     }
@@ -107,23 +95,23 @@ impl<C: RaftTypeConfig, K: Codec<C>> GroupLogStore<C, K> {
     /// (default [`DEFAULT_MAX_READ_BYTES`]). At least one entry is returned whatever the cap;
     /// 0 is treated as 1.
     pub fn max_read_bytes(mut self, bytes: usize) -> Self {
-        self.max_read_bytes = bytes.max(1);
+        self.core.max_read_bytes = bytes.max(1);
         self
     }
 
     /// The group this handle serves.
     pub fn group(&self) -> u64 {
-        self.group
+        self.core.group
     }
 
     /// The engine this handle writes to.
     pub fn engine(&self) -> &Engine {
-        &self.engine
+        &self.core.engine
     }
 
     /// The last purged log id, as stored by [`RaftLogStorage::purge`].
     pub fn last_purged_log_id(&self) -> io::Result<Option<LogIdOf<C>>> {
-        match self.engine.get(self.group, LAST_PURGED_KEY) {
+        match self.core.last_purged() {
             None => Ok(None),
             Some(bytes) => self
                 .codec
@@ -140,18 +128,10 @@ impl<C: RaftTypeConfig, K: Codec<C>> GroupLogStore<C, K> {
         if range.start >= range.end {
             return Ok(Vec::new());
         }
-        let first = match self.engine.first_index(self.group) {
-            Some(first) => first,
-            None => return Ok(Vec::new()),
-        };
-        let start = range.start.max(first);
-        if start >= range.end {
-            return Ok(Vec::new());
-        }
-        let raw = self
-            .engine
-            .entries(self.group, start..range.end, max_bytes)
-            .map_err(|e| engine_err::<C>(ErrorSubject::LogIndex(start), ErrorVerb::Read, e))?;
+        let (start, raw) = self
+            .core
+            .raw_entries(range, max_bytes)
+            .map_err(|(i, e)| engine_err::<C>(ErrorSubject::LogIndex(i), ErrorVerb::Read, e))?;
         let mut entries = Vec::with_capacity(raw.len());
         for (index, bytes) in (start..).zip(raw.iter()) {
             let entry = self
@@ -166,7 +146,7 @@ impl<C: RaftTypeConfig, K: Codec<C>> GroupLogStore<C, K> {
                         io::ErrorKind::InvalidData,
                         format!(
                             "group {}: the entry stored at index {index} says index {}",
-                            self.group,
+                            self.core.group,
                             entry.log_id_parts().1
                         ),
                     ),
@@ -178,39 +158,18 @@ impl<C: RaftTypeConfig, K: Codec<C>> GroupLogStore<C, K> {
     }
 
     fn last_entry_log_id(&self) -> io::Result<Option<LogIdOf<C>>> {
-        let Some(last) = self.engine.last_index(self.group) else {
+        let Some((last, bytes)) = self
+            .core
+            .last_raw_entry()
+            .map_err(|(i, e)| engine_err::<C>(ErrorSubject::LogIndex(i), ErrorVerb::Read, e))?
+        else {
             return Ok(None);
         };
-        let bytes = self
-            .engine
-            .entry(self.group, last)
-            .map_err(|e| engine_err::<C>(ErrorSubject::LogIndex(last), ErrorVerb::Read, e))?
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("group {}: last index {last} has no entry", self.group),
-                )
-            })?;
         self.codec
             .decode_entry_log_id(&bytes)
             .map(Some)
             .map_err(|e| codec_err::<C>(ErrorSubject::LogIndex(last), ErrorVerb::Read, e))
     }
-}
-
-/// Converts a `RangeBounds` into a half-open range, saturating at `u64::MAX`.
-fn to_range<RB: RangeBounds<u64>>(range: &RB) -> Range<u64> {
-    let start = match range.start_bound() {
-        Bound::Included(&s) => s,
-        Bound::Excluded(&s) => s.saturating_add(1),
-        Bound::Unbounded => 0,
-    };
-    let end = match range.end_bound() {
-        Bound::Included(&e) => e.saturating_add(1),
-        Bound::Excluded(&e) => e,
-        Bound::Unbounded => u64::MAX,
-    };
-    start..end
 }
 
 /// Wraps an engine error into an `io::Error` carrying openraft's [`StorageError`] (what was
@@ -220,15 +179,7 @@ pub(crate) fn engine_err<C: RaftTypeConfig>(
     verb: ErrorVerb,
     err: Error,
 ) -> io::Error {
-    let kind = match &err {
-        Error::Io { source, .. } => source.kind(),
-        Error::NoSpace { .. } => io::ErrorKind::StorageFull,
-        Error::InvalidArgument(_) => io::ErrorKind::InvalidInput,
-        Error::Corruption { .. } | Error::TornTail { .. } | Error::Checkpoint { .. } => {
-            io::ErrorKind::InvalidData
-        }
-        _ => io::ErrorKind::Other,
-    };
+    let kind = error_kind(&err);
     io::Error::new(
         kind,
         StorageError::<C>::new(subject, verb, C::err_from_error(&err)),
@@ -257,7 +208,7 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogReader<C> for GroupLogStore<C, K> {
     }
 
     async fn read_vote(&mut self) -> Result<Option<VoteOf<C>>, io::Error> {
-        match self.engine.vote(self.group) {
+        match self.core.vote() {
             None => Ok(None),
             Some(bytes) => self
                 .codec
@@ -272,7 +223,7 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogReader<C> for GroupLogStore<C, K> {
         start: u64,
         end: u64,
     ) -> Result<Vec<EntryOf<C>>, io::Error> {
-        self.read_entries(start..end, self.max_read_bytes)
+        self.read_entries(start..end, self.core.max_read_bytes)
     }
 }
 
@@ -300,33 +251,30 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogStorage<C> for GroupLogStore<C, K> {
             .codec
             .encode_vote(vote)
             .map_err(|e| codec_err::<C>(ErrorSubject::Vote, ErrorVerb::Write, e))?;
-        let mut batch = WriteBatch::new();
-        batch.set_vote(self.group, &bytes);
-        self.engine
-            .write(batch)
-            .map_err(|e| engine_err::<C>(ErrorSubject::Vote, ErrorVerb::Write, e))
+        // Written (readable) now; durable once the group commit's fdatasync covering it has
+        // returned. Awaiting parks this task, not the thread, so the votes of many groups
+        // share one fdatasync.
+        let err = |e| engine_err::<C>(ErrorSubject::Vote, ErrorVerb::Write, e);
+        self.core.save_vote(&bytes).map_err(err)?.await.map_err(err)
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
-        // An empty value stands for `None`; an encoded log id is never empty.
         let bytes = match &committed {
-            Some(id) => self
-                .codec
-                .encode_log_id(id)
-                .map_err(|e| codec_err::<C>(ErrorSubject::Store, ErrorVerb::Write, e))?,
-            None => Vec::new(),
+            Some(id) => Some(
+                self.codec
+                    .encode_log_id(id)
+                    .map_err(|e| codec_err::<C>(ErrorSubject::Store, ErrorVerb::Write, e))?,
+            ),
+            None => None,
         };
-        let mut batch = WriteBatch::new();
-        batch.set_committed(self.group, &bytes);
-        self.engine
-            .write_unsynced(batch)
+        self.core
+            .save_committed(bytes.as_deref())
             .map_err(|e| engine_err::<C>(ErrorSubject::Store, ErrorVerb::Write, e))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
-        match self.engine.committed(self.group) {
+        match self.core.committed() {
             None => Ok(None),
-            Some(bytes) if bytes.is_empty() => Ok(None),
             Some(bytes) => self
                 .codec
                 .decode_log_id(&bytes)
@@ -340,49 +288,19 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogStorage<C> for GroupLogStore<C, K> {
         I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut encoded: Vec<Vec<u8>> = Vec::new();
-        let mut first_index = None;
-        let mut next_index = 0u64;
-        for entry in entries {
-            let index = entry.log_id_parts().1;
-            match first_index {
-                None => first_index = Some(index),
-                Some(_) if index != next_index => {
-                    return Err(codec_err::<C>(
-                        ErrorSubject::LogIndex(index),
-                        ErrorVerb::Write,
-                        io::Error::new(
-                            io::ErrorKind::InvalidInput,
-                            format!(
-                                "append: index {index} follows {}; entries must be contiguous",
-                                next_index - 1
-                            ),
-                        ),
-                    ));
-                }
-                Some(_) => {}
-            }
-            next_index = index.wrapping_add(1);
-            let mut buf = Vec::new();
-            self.codec
-                .encode_entry(&entry, &mut buf)
-                .map_err(|e| codec_err::<C>(ErrorSubject::LogIndex(index), ErrorVerb::Write, e))?;
-            encoded.push(buf);
-        }
-
-        let Some(first_index) = first_index else {
-            // Nothing to write, but the callback may only say "durable" once everything appended
-            // before it is: one fdatasync covers that.
-            let result = self
-                .engine
-                .sync()
-                .map_err(|e| engine_err::<C>(ErrorSubject::Logs, ErrorVerb::Write, e));
-            callback.io_completed(result);
-            return Ok(());
-        };
-
-        let mut batch = WriteBatch::new();
-        batch.append(self.group, first_index, &encoded);
+        let codec = &self.codec;
+        let (first_index, encoded) = encode_append(
+            entries,
+            |e: &EntryOf<C>| e.log_id_parts().1,
+            |e, buf| codec.encode_entry(e, buf),
+            |index, prev| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("append: index {index} follows {prev}; entries must be contiguous"),
+                )
+            },
+        )
+        .map_err(|(index, e)| codec_err::<C>(ErrorSubject::LogIndex(index), ErrorVerb::Write, e))?;
         // The engine calls this exactly once, after the fdatasync covering the batch (or with
         // the error that prevented it), possibly on another thread.
         let on_durable = move |result: crate::Result<()>| {
@@ -390,21 +308,20 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogStorage<C> for GroupLogStore<C, K> {
                 result.map_err(|e| engine_err::<C>(ErrorSubject::Logs, ErrorVerb::Write, e)),
             );
         };
-        self.engine
-            .write_async(batch, on_durable)
+        self.core
+            .append(first_index, &encoded, on_durable)
             .map_err(|e| engine_err::<C>(ErrorSubject::Logs, ErrorVerb::Write, e))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
-        // Keep `last_log_id` itself; `None` keeps nothing.
+        // Keep `last_log_id` itself; `None` keeps nothing. Unsynced: see
+        // `GroupCore::truncate_from` and docs/ADAPTER.md for why that is safe.
         let from = match &last_log_id {
             Some(id) => id.index().saturating_add(1),
             None => 0,
         };
-        let mut batch = WriteBatch::new();
-        batch.truncate_from(self.group, from);
-        self.engine
-            .write(batch)
+        self.core
+            .truncate_from(from)
             .map_err(|e| engine_err::<C>(ErrorSubject::LogIndex(from), ErrorVerb::Delete, e))
     }
 
@@ -413,12 +330,8 @@ impl<C: RaftTypeConfig, K: Codec<C>> RaftLogStorage<C> for GroupLogStore<C, K> {
             .codec
             .encode_log_id(&log_id)
             .map_err(|e| codec_err::<C>(ErrorSubject::Log(log_id.clone()), ErrorVerb::Delete, e))?;
-        let mut batch = WriteBatch::new();
-        batch
-            .purge_to(self.group, log_id.index())
-            .put(self.group, LAST_PURGED_KEY, &bytes);
-        self.engine
-            .write_unsynced(batch)
+        self.core
+            .purge_to(log_id.index(), &bytes)
             .map_err(|e| engine_err::<C>(ErrorSubject::Log(log_id), ErrorVerb::Delete, e))
     }
 }

@@ -12,6 +12,11 @@
 //! - `raft_suite`: openraft's log-store suite, fresh engine per sub-test and 64 suites on one engine.
 //! - `raft_corruption`: single faults on a cleanly closed directory, read through the adapter.
 //! - `raft_durability`: append callbacks vs fdatasync, write errors, restarts, group isolation.
+//! - `raft_nonblocking`: save_vote awaits its fdatasync without holding a runtime thread,
+//!   votes share fdatasyncs, truncate_after unsynced vs crashes, the snapshot store.
+//! - `raft09_suite`: openraft 0.9's storage suite against the 0.9 adapter (fresh engine; 64 at once).
+//! - `raft_shared_durability`: durability tests written once, run against both adapters.
+//! - `probefs`: a real file system with gated, counted, failable fdatasyncs.
 //! - `raft_cluster`: 3 openraft nodes x 4 groups in one process: restart, leader change.
 
 mod corruption;
@@ -21,13 +26,21 @@ mod faults;
 mod golden;
 mod kill;
 mod pipeline;
+#[cfg(any(feature = "openraft", feature = "openraft09"))]
+mod probefs;
 mod prop_recovery;
+#[cfg(feature = "openraft09")]
+mod raft09_suite;
 #[cfg(feature = "openraft")]
 mod raft_cluster;
 #[cfg(feature = "openraft")]
 mod raft_corruption;
 #[cfg(feature = "openraft")]
 mod raft_durability;
+#[cfg(feature = "openraft")]
+mod raft_nonblocking;
+#[cfg(any(feature = "openraft", feature = "openraft09"))]
+mod raft_shared_durability;
 #[cfg(feature = "openraft")]
 mod raft_suite;
 mod recovery_items;

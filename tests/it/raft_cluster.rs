@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use multiraft_wal::raft::kv::{KvRequest, KvSnapshotData, KvStateMachine, KvTypeConfig};
-use multiraft_wal::raft::GroupLogStore;
+use multiraft_wal::raft::{GroupLogStore, SnapshotStore};
 use multiraft_wal::{Engine, Options};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{
@@ -180,10 +180,11 @@ impl Cluster {
         let options = Options::default().segment_size(256 << 10);
         let engine = Engine::open(&self.dirs[&id], options)
             .with_context(|| format!("reopening node {id}"))?;
+        let snapshots = SnapshotStore::open(self.dirs[&id].join("snapshots"))?;
         let mut rafts = BTreeMap::new();
         let mut sms = BTreeMap::new();
         for group in 1..=GROUPS {
-            let sm = KvStateMachine::open(engine.clone(), group)?;
+            let sm = KvStateMachine::open(snapshots.clone(), group)?;
             let log = GroupLogStore::<C>::new(engine.clone(), group);
             let net = Net {
                 router: self.router.clone(),

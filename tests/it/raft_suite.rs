@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use multiraft_wal::raft::kv::{KvStateMachine, KvTypeConfig};
-use multiraft_wal::raft::GroupLogStore;
+use multiraft_wal::raft::{GroupLogStore, SnapshotStore};
 use multiraft_wal::{Engine, Options};
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::type_config::TypeConfigExt;
@@ -37,7 +37,10 @@ impl StoreBuilder<KvTypeConfig, Store, KvStateMachine, FreshGuard> for FreshEngi
         let options = Options::default().segment_size(64 << 10);
         let engine = Engine::open(dir.path(), options).map_err(sto_err)?;
         let store = GroupLogStore::new(engine.clone(), 7);
-        let sm = KvStateMachine::open(engine.clone(), 7).map_err(sto_err)?;
+        let snapshots = SnapshotStore::open(dir.path().join("snapshots")).map_err(sto_err)?;
+        let sm = KvStateMachine::open_async(snapshots, 7)
+            .await
+            .map_err(sto_err)?;
         Ok((
             FreshGuard {
                 _engine: engine,
@@ -58,6 +61,7 @@ async fn suite_fresh_engine_per_test() -> Result<(), StorageError<KvTypeConfig>>
 #[derive(Clone)]
 struct SharedEngine {
     engine: Engine,
+    snapshots: SnapshotStore,
     next_group: Arc<AtomicU64>,
 }
 
@@ -70,7 +74,9 @@ impl StoreBuilder<KvTypeConfig, Store, KvStateMachine, ()> for SharedEngine {
             ))));
         }
         let store = GroupLogStore::new(self.engine.clone(), group);
-        let sm = KvStateMachine::open(self.engine.clone(), group).map_err(sto_err)?;
+        let sm = KvStateMachine::open_async(self.snapshots.clone(), group)
+            .await
+            .map_err(sto_err)?;
         Ok(((), store, sm))
     }
 }
@@ -82,6 +88,7 @@ async fn suite_64_concurrent_groups_one_engine() -> anyhow::Result<()> {
     let engine = Engine::open(dir.path(), Options::default().segment_size(1 << 20))?;
     let builder = SharedEngine {
         engine: engine.clone(),
+        snapshots: SnapshotStore::open(dir.path().join("snapshots"))?,
         next_group: Arc::new(AtomicU64::new(1)),
     };
 
