@@ -529,6 +529,27 @@ mod tests {
     }
 
     #[test]
+    fn a_shutdown_on_an_empty_segment_seals_the_one_before_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r1 = append_record(1, 1, 1, 2);
+        let r2 = append_record(1, 1, 3, 2);
+        write_segment(tmp.path(), 1, &[r1.clone(), r2]);
+        write_segment(tmp.path(), 2, &[]);
+        let empty = StdFs.open(&tmp.path().join(segment_name(2))).unwrap();
+        seal_clean_shutdown(&StdFs, tmp.path(), 2, empty.as_ref(), SEGMENT_HEADER_LEN).unwrap();
+        let r = recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)).unwrap();
+        assert!(r.report.clean_seal);
+        // Segment 1 cut at a record boundary: no damage to see, but the seal pins its length.
+        let path = tmp.path().join(segment_name(1));
+        let good = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &good[..SEGMENT_HEADER_LEN as usize + r1.len()]).unwrap();
+        assert!(matches!(
+            recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)),
+            Err(Error::Corruption { segment: 1, .. })
+        ));
+    }
+
+    #[test]
     fn a_seal_file_proves_the_whole_segment_and_names_a_missing_one() {
         let tmp = tempfile::tempdir().unwrap();
         let r1 = append_record(1, 1, 1, 2);
