@@ -618,7 +618,7 @@ impl Engine {
             commit: Commit::default(),
             in_flight: AtomicUsize::new(0),
             active_segment: AtomicU64::new(segment),
-            sync_point: SyncPoint::default(),
+            sync_point: SyncPoint::after_recovery(rec.last_sealed),
             gc_lock: Mutex::new(0),
             report: rec.report,
             _lock: lock,

@@ -96,6 +96,9 @@ pub(crate) struct Recovered {
     pub(crate) empty_tail: Vec<(u64, Arc<dyn FsFile>)>,
     /// Id for the next segment to create.
     pub(crate) next_segment: u64,
+    /// The last segment holding records and its length after repair (cut to its last record
+    /// and synced, or proven durable): the next segment's first marker declares it.
+    pub(crate) last_sealed: Option<(u64, u64)>,
     pub(crate) report: RecoveryReport,
 }
 
@@ -276,6 +279,9 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         }
     }
 
+    // (Replay takes the decoded records out of the scans.)
+    let last_with_records = scans.iter().rposition(SegmentScan::holds_records);
+
     // Replay in order. Below the checkpoint, the checkpoint fixes each group's range and
     // metadata; the segments only say where each index was last written. Truncate, purge and
     // remove records there may be gone with deleted segments, so they are not replayed: the
@@ -380,6 +386,17 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         .map(|s| (s.id, s.file.clone()))
         .collect();
     let next_segment = max.map_or(1, |m| m + 1).max(covers_below);
+    // Only a segment recovery left exactly at its last record (no damage, nothing skipped).
+    let last_sealed = last_with_records
+        .and_then(|i| scans.get(i))
+        .filter(|s| {
+            s.parts.damage.is_none()
+                || cuts
+                    .iter()
+                    .any(|&i| scans.get(i).is_some_and(|c| c.id == s.id))
+        })
+        .filter(|s| s.parts.skipped.is_empty())
+        .map(|s| (s.id, s.parts.valid_end));
     let files = scans.into_iter().map(|s| (s.id, s.file)).collect();
     report.duration = started.elapsed();
     Ok(Recovered {
@@ -387,6 +404,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         files,
         empty_tail,
         next_segment,
+        last_sealed,
         report,
     })
 }

@@ -219,6 +219,17 @@ impl SyncPoint {
             .fetch_max(pack(segment, offset), Ordering::AcqRel);
     }
 
+    /// The sync point of an engine opened after `recovered` (the last segment recovery found
+    /// records in, and its length once repaired and synced): its first write into the next
+    /// segment declares that length, as after a rotation.
+    pub(crate) fn after_recovery(recovered: Option<(u64, u64)>) -> SyncPoint {
+        let p = SyncPoint::default();
+        if let Some((segment, len)) = recovered {
+            p.rotated(segment, len);
+        }
+        p
+    }
+
     /// Records that a rotation cut `segment` to `len` bytes and fdatasynced it; the first
     /// write into the next segment then declares that length.
     pub(crate) fn rotated(&self, segment: u64, len: u64) {
