@@ -224,7 +224,8 @@ impl Engine {
     /// Opens (creating if needed) the engine in `dir`, recovering whatever it holds.
     ///
     /// Takes an exclusive lock on `dir/LOCK`: a second open of the same directory, from this
-    /// process or another, fails with [`Error::Locked`] until this engine is dropped.
+    /// process or another, fails with [`Error::Locked`] (after retrying for up to 50 ms) until
+    /// this engine is dropped.
     pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Engine> {
         options.validate()?;
         let dir = dir.as_ref().to_path_buf();
@@ -232,7 +233,21 @@ impl Engine {
         fs.create_dir_all(&dir)
             .map_err(|e| Error::io(format!("creating {dir:?}"), e))?;
         let lock_path = dir.join(LOCK_NAME);
-        let lock = fs.lock(&lock_path).map_err(|e| {
+        // A process forking in this one (to exec a child) briefly shares the lock file's
+        // descriptor, and with it the lock, until the child's exec closes it: a reopen right
+        // after a drop could see `Locked` for that moment. So a held lock is retried for up to
+        // 50 ms before it is reported.
+        let mut tries = 0;
+        let lock = loop {
+            match fs.lock(&lock_path) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                other => break other,
+            }
+        };
+        let lock = lock.map_err(|e| {
             if e.kind() == std::io::ErrorKind::WouldBlock {
                 Error::Locked {
                     path: lock_path.clone(),
@@ -303,7 +318,7 @@ impl Engine {
             gc: GcState::default(),
             gc_serial: Mutex::new(()),
             active_segment: AtomicU64::new(segment),
-            sync_point: SyncPoint::default(),
+            sync_point: SyncPoint::after_recovery(rec.last_sealed),
             report: rec.report,
             _lock: lock,
             opts: options,

@@ -96,6 +96,9 @@ pub(crate) struct Recovered {
     pub(crate) empty_tail: Vec<(u64, Arc<dyn FsFile>)>,
     /// Id for the next segment to create.
     pub(crate) next_segment: u64,
+    /// The last segment holding records and its length after repair (cut to its last record
+    /// and synced, or proven durable): the next segment's first marker declares it.
+    pub(crate) last_sealed: Option<(u64, u64)>,
     pub(crate) report: RecoveryReport,
 }
 
@@ -276,6 +279,9 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         }
     }
 
+    // (Replay takes the decoded records out of the scans.)
+    let last_with_records = scans.iter().rposition(SegmentScan::holds_records);
+
     // Replay in order. Below the checkpoint, the checkpoint fixes each group's range and
     // metadata; the segments only say where each index was last written. Truncate, purge and
     // remove records there may be gone with deleted segments, so they are not replayed: the
@@ -380,6 +386,17 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         .map(|s| (s.id, s.file.clone()))
         .collect();
     let next_segment = max.map_or(1, |m| m + 1).max(covers_below);
+    // Only a segment recovery left exactly at its last record (no damage, nothing skipped).
+    let last_sealed = last_with_records
+        .and_then(|i| scans.get(i))
+        .filter(|s| {
+            s.parts.damage.is_none()
+                || cuts
+                    .iter()
+                    .any(|&i| scans.get(i).is_some_and(|c| c.id == s.id))
+        })
+        .filter(|s| s.parts.skipped.is_empty())
+        .map(|s| (s.id, s.parts.valid_end));
     let files = scans.into_iter().map(|s| (s.id, s.file)).collect();
     report.duration = started.elapsed();
     Ok(Recovered {
@@ -387,6 +404,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         files,
         empty_tail,
         next_segment,
+        last_sealed,
         report,
     })
 }
@@ -526,6 +544,27 @@ mod tests {
         assert_eq!(r.report.tail_cut.map(|c| c.1), Some(synced_to));
         assert_eq!(r.groups[&1].entries.range(), Range { first: 1, len: 2 });
         assert_eq!(r.report.synced_segments, vec![1]);
+    }
+
+    #[test]
+    fn a_shutdown_on_an_empty_segment_seals_the_one_before_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r1 = append_record(1, 1, 1, 2);
+        let r2 = append_record(1, 1, 3, 2);
+        write_segment(tmp.path(), 1, &[r1.clone(), r2]);
+        write_segment(tmp.path(), 2, &[]);
+        let empty = StdFs.open(&tmp.path().join(segment_name(2))).unwrap();
+        seal_clean_shutdown(&StdFs, tmp.path(), 2, empty.as_ref(), SEGMENT_HEADER_LEN).unwrap();
+        let r = recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)).unwrap();
+        assert!(r.report.clean_seal);
+        // Segment 1 cut at a record boundary: no damage to see, but the seal pins its length.
+        let path = tmp.path().join(segment_name(1));
+        let good = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &good[..SEGMENT_HEADER_LEN as usize + r1.len()]).unwrap();
+        assert!(matches!(
+            recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)),
+            Err(Error::Corruption { segment: 1, .. })
+        ));
     }
 
     #[test]

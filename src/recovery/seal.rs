@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::codec::{encode_sync_marker, SyncMarker, SYNC_MARKER_LEN};
 use crate::error::{Error, Result};
 use crate::fs::{FileSystem, FsFile};
-use crate::segment::SEGMENT_HEADER_LEN;
+use crate::segment::{segment_name, SEGMENT_HEADER_LEN};
 
 /// Name of the seal file.
 pub const SEAL_NAME: &str = "SEAL";
@@ -109,7 +109,9 @@ pub(crate) fn load(
 /// its last record. In order: cut the segment to `len` and fdatasync it (every write is now
 /// durable); append a sync marker declaring `[.., len)` synced and fdatasync again; then store
 /// `SEAL` naming the segment and its sealed length (temp file, fsync, rename, directory fsync).
-/// Stops at the first failure: nothing is declared durable that was not synced.
+/// If the segment holds no record, `SEAL` names the one before it (when it is still there) at
+/// its length instead. Stops at the first failure: nothing is declared durable that was not
+/// synced.
 pub(crate) fn seal_clean_shutdown(
     fs: &dyn FileSystem,
     dir: &Path,
@@ -122,9 +124,27 @@ pub(crate) fn seal_clean_shutdown(
         .map_err(|e| Error::io(what("cutting"), e))?;
     file.sync_data()
         .map_err(|e| Error::io(what("syncing"), e))?;
+    if len <= SEGMENT_HEADER_LEN {
+        // An empty segment gets no marker: it stays empty, so the next open reuses it. The
+        // seal then pins the segment before it (sealed by its rotation, or by the recovery
+        // that preceded this run), which no marker of this segment pins.
+        let prev = segment.checked_sub(1).filter(|&p| p > 0).and_then(|p| {
+            let file = fs.open(&dir.join(segment_name(p))).ok()?;
+            Some((p, file.len().ok()?))
+        });
+        if let Some((prev, prev_len)) = prev.filter(|&(_, l)| l >= SEGMENT_HEADER_LEN) {
+            return store(
+                fs,
+                dir,
+                Seal {
+                    segment: prev,
+                    len: prev_len,
+                },
+            );
+        }
+    }
     let mut sealed = len;
     if len > SEGMENT_HEADER_LEN {
-        // An empty segment gets no marker: it stays empty, so the next open reuses it.
         let marker = SyncMarker {
             synced_to: len,
             prev_sealed_len: 0,
@@ -197,6 +217,17 @@ impl SyncPoint {
     pub(crate) fn synced(&self, segment: u64, offset: u64) {
         self.synced
             .fetch_max(pack(segment, offset), Ordering::AcqRel);
+    }
+
+    /// The sync point of an engine opened after `recovered` (the last segment recovery found
+    /// records in, and its length once repaired and synced): its first write into the next
+    /// segment declares that length, as after a rotation.
+    pub(crate) fn after_recovery(recovered: Option<(u64, u64)>) -> SyncPoint {
+        let p = SyncPoint::default();
+        if let Some((segment, len)) = recovered {
+            p.rotated(segment, len);
+        }
+        p
     }
 
     /// Records that a rotation cut `segment` to `len` bytes and fdatasynced it; the first

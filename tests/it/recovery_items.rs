@@ -209,3 +209,37 @@ fn a_marker_before_a_large_record_vouches_for_the_synced_bytes() {
         other => panic!("{other:?}"),
     }
 }
+
+/// After an unclean stop, the next engine's first marker declares the length recovery left the
+/// last segment at: cutting that segment later at a record boundary (no damage to see) is
+/// caught, not taken for a shorter log.
+#[test]
+fn the_first_write_after_recovery_pins_the_last_segment_length() {
+    let fs = SimFs::new();
+    let opts = |fs: &SimFs| sim_options(fs, false).segment_size(1 << 20);
+    let engine = Engine::open(DIR, opts(&fs)).unwrap();
+    // Group 2's only entry is in the record the cut removes: nothing later refers to it.
+    for g in 1..=2u64 {
+        let mut b = WriteBatch::new();
+        b.append(g, 1, [format!("group {g} entry 1")]);
+        engine.write(b).unwrap();
+    }
+    let killed = fs.kill_image();
+    drop(engine);
+    let engine = Engine::open(DIR, opts(&killed)).unwrap();
+    let mut b = WriteBatch::new();
+    b.append(1, 2, [b"group 1 entry 2"]);
+    engine.write(b).unwrap();
+    drop(engine);
+    let img = killed.crash_image(CrashVariant::KeepAll, 0);
+    let seg1 = Path::new(DIR).join(format!("{:016x}.wal", 1));
+    let bytes = img.read_file(&seg1).unwrap();
+    let first_len = 16 + u32::from_le_bytes(bytes[32..36].try_into().unwrap()) as usize;
+    img.overwrite_file(&seg1, bytes[..32 + first_len].to_vec())
+        .unwrap();
+    match Engine::open(DIR, opts(&img)) {
+        Err(Error::Corruption { segment: 1, .. }) => {}
+        Err(e) => panic!("{e:?}"),
+        Ok(e) => panic!("opened with group 2 = {:?}", entries(&e, 2)),
+    }
+}
