@@ -1,5 +1,6 @@
 //! Durability tests written once and run against both openraft adapters (0.10: `raft`, 0.9:
-//! `raft09`): the append callback fires only after the covering fdatasync, a restart keeps
+//! `raft09`): the append callback fires only after the covering fdatasync, `save_vote` waits
+//! for its fdatasync without holding the (only) runtime thread, a restart keeps
 //! entries, vote, committed, purges and truncations (1 and 1,000 groups), groups are isolated,
 //! and a failed fdatasync reaches the callback and poisons later writes.
 //!
@@ -107,6 +108,60 @@ pub async fn callback_waits_for_fdatasync<A: Adapter>() -> anyhow::Result<()> {
         A::name()
     );
     Ok(())
+}
+
+/// `save_vote` on a current-thread runtime: while its fdatasync is held at a gate, it has not
+/// returned, the vote is readable, and other tasks on the one thread run to completion.
+pub fn save_vote_holds_no_thread<A: Adapter>() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let (engine, probe) = open_probed(dir.path())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // If save_vote blocked the only thread, the test would hang: open the gate after WAIT.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = {
+        let probe = probe.clone();
+        std::thread::spawn(move || {
+            let fired = done_rx.recv_timeout(WAIT).is_err();
+            if fired {
+                probe.open_gate();
+            }
+            fired
+        })
+    };
+    let result = rt.block_on(async {
+        let mut store = A::open(&engine, 1);
+        let vote = A::vote(3, 1);
+        let entered = probe.close_gate();
+        let synced_before = probe.synced.load(Ordering::SeqCst);
+        let v = vote.clone();
+        let voter = tokio::spawn(async move { store.save_vote(&v).await });
+        tokio::task::spawn_blocking(move || entered.recv_timeout(WAIT)).await??;
+        let worker = tokio::spawn(async {
+            for _ in 0..1000 {
+                tokio::task::yield_now().await;
+            }
+            1000
+        });
+        assert_eq!(worker.await?, 1000);
+        assert_eq!(A::open(&engine, 1).read_vote().await?, Some(vote));
+        assert!(
+            !voter.is_finished(),
+            "{}: save_vote returned before its fdatasync",
+            A::name()
+        );
+        probe.open_gate();
+        tokio::time::timeout(WAIT, voter).await???;
+        assert!(probe.synced.load(Ordering::SeqCst) > synced_before);
+        anyhow::Ok(())
+    });
+    let _ = done_tx.send(());
+    let fired = watchdog
+        .join()
+        .map_err(|_| anyhow::anyhow!("watchdog panicked"))?;
+    assert!(!fired, "{}: the runtime thread was blocked", A::name());
+    result
 }
 
 pub async fn failed_fdatasync_reaches_the_callback<A: Adapter>() -> anyhow::Result<()> {
@@ -420,6 +475,11 @@ mod v10 {
         callback_waits_for_fdatasync::<V10>().await
     }
 
+    #[test]
+    fn v10_save_vote_holds_no_thread() -> anyhow::Result<()> {
+        save_vote_holds_no_thread::<V10>()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn v10_failed_fdatasync_reaches_the_callback() -> anyhow::Result<()> {
         failed_fdatasync_reaches_the_callback::<V10>().await
@@ -532,6 +592,11 @@ mod v09 {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn v09_callback_waits_for_fdatasync() -> anyhow::Result<()> {
         callback_waits_for_fdatasync::<V09>().await
+    }
+
+    #[test]
+    fn v09_save_vote_holds_no_thread() -> anyhow::Result<()> {
+        save_vote_holds_no_thread::<V09>()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
