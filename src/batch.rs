@@ -1,65 +1,11 @@
 //! [`WriteBatch`]: an atomic set of operations on any number of groups.
 //!
 //! The batch encodes its body as operations are added, so a write only has to frame, checksum
-//! and copy it once. It also keeps a compact list of its operations for validating the batch
-//! against the index and applying it after the record is written.
+//! and copy it once. It also keeps its operations as [`Op`]s, the one operation type of the
+//! crate (replay decodes the same type), for validating the batch against the index and
+//! applying it with `index::apply_op` after the record is written.
 
-use crate::codec::{tag, BodyBuilder, EntrySpan};
-
-/// One operation, kept for validation and for applying the batch to the index.
-#[derive(Debug, Clone)]
-pub(crate) enum Item {
-    Append {
-        group: u64,
-        first: u64,
-        lens_at: usize,
-        count: usize,
-        payload_at: usize,
-    },
-    Truncate {
-        group: u64,
-        index: u64,
-    },
-    Purge {
-        group: u64,
-        index: u64,
-    },
-    Put {
-        group: u64,
-        key: Box<[u8]>,
-        value: Box<[u8]>,
-    },
-    Delete {
-        group: u64,
-        key: Box<[u8]>,
-    },
-    Vote {
-        group: u64,
-        value: Box<[u8]>,
-    },
-    Committed {
-        group: u64,
-        value: Box<[u8]>,
-    },
-    RemoveGroup {
-        group: u64,
-    },
-}
-
-impl Item {
-    pub(crate) fn group(&self) -> u64 {
-        match *self {
-            Item::Append { group, .. }
-            | Item::Truncate { group, .. }
-            | Item::Purge { group, .. }
-            | Item::Put { group, .. }
-            | Item::Delete { group, .. }
-            | Item::Vote { group, .. }
-            | Item::Committed { group, .. }
-            | Item::RemoveGroup { group } => group,
-        }
-    }
-}
+use crate::codec::{tag, BodyBuilder, EntrySpan, Op};
 
 /// A set of operations on any number of groups, written atomically: after any crash the whole
 /// batch is visible or none of it is.
@@ -77,8 +23,10 @@ impl Item {
 #[derive(Debug, Default, Clone)]
 pub struct WriteBatch {
     pub(crate) body: BodyBuilder,
-    pub(crate) items: Vec<Item>,
-    pub(crate) lens: Vec<u32>,
+    pub(crate) ops: Vec<Op<Box<[u8]>>>,
+    /// Entry spans with offsets from the start of the payload area (appends index into it);
+    /// [`WriteBatch::record_spans`] shifts them to offsets in the record's raw body.
+    pub(crate) spans: Vec<EntrySpan>,
     pub(crate) invalid: Option<String>,
     /// Groups whose index version must be unchanged for the batch to apply (GC rewrites).
     pub(crate) expect_version: Vec<(u64, u64)>,
@@ -98,21 +46,21 @@ impl WriteBatch {
         I: IntoIterator<Item = E>,
         E: AsRef<[u8]>,
     {
-        let lens_at = self.lens.len();
+        let mut lens = Vec::new();
         let payload_at = self.body.payload.len();
-        match self
-            .body
-            .append(group, first_index, entries, &mut self.lens)
-        {
+        match self.body.append(group, first_index, entries, &mut lens) {
             Ok(()) => {
-                let count = self.lens.len() - lens_at;
-                if count > 0 {
-                    self.items.push(Item::Append {
+                if !lens.is_empty() {
+                    let start = self.spans.len();
+                    let mut off = payload_at as u32;
+                    for len in lens {
+                        self.spans.push(EntrySpan { off, len });
+                        off += len;
+                    }
+                    self.ops.push(Op::Append {
                         group,
                         first: first_index,
-                        lens_at,
-                        count,
-                        payload_at,
+                        spans: start..self.spans.len(),
                     });
                 }
             }
@@ -126,21 +74,21 @@ impl WriteBatch {
     /// Removes entry `index` of `group` and every entry after it (`0` clears the log).
     pub fn truncate_from(&mut self, group: u64, index: u64) -> &mut Self {
         self.body.index_op(tag::TRUNCATE, group, index);
-        self.items.push(Item::Truncate { group, index });
+        self.ops.push(Op::Truncate { group, index });
         self
     }
 
     /// Removes entry `index` of `group` and every entry before it.
     pub fn purge_to(&mut self, group: u64, index: u64) -> &mut Self {
         self.body.index_op(tag::PURGE, group, index);
-        self.items.push(Item::Purge { group, index });
+        self.ops.push(Op::Purge { group, index });
         self
     }
 
     /// Sets `key` of `group` to `value`.
     pub fn put(&mut self, group: u64, key: &[u8], value: &[u8]) -> &mut Self {
         self.body.bytes_op(tag::PUT, group, &[key, value]);
-        self.items.push(Item::Put {
+        self.ops.push(Op::Put {
             group,
             key: key.into(),
             value: value.into(),
@@ -151,7 +99,7 @@ impl WriteBatch {
     /// Deletes `key` of `group`.
     pub fn delete(&mut self, group: u64, key: &[u8]) -> &mut Self {
         self.body.bytes_op(tag::DELETE, group, &[key]);
-        self.items.push(Item::Delete {
+        self.ops.push(Op::Delete {
             group,
             key: key.into(),
         });
@@ -161,7 +109,7 @@ impl WriteBatch {
     /// Sets the vote of `group` (opaque bytes; the adapter stores openraft's `Vote`).
     pub fn set_vote(&mut self, group: u64, vote: &[u8]) -> &mut Self {
         self.body.bytes_op(tag::VOTE, group, &[vote]);
-        self.items.push(Item::Vote {
+        self.ops.push(Op::Vote {
             group,
             value: vote.into(),
         });
@@ -171,7 +119,7 @@ impl WriteBatch {
     /// Sets the committed marker of `group` (opaque bytes).
     pub fn set_committed(&mut self, group: u64, committed: &[u8]) -> &mut Self {
         self.body.bytes_op(tag::COMMITTED, group, &[committed]);
-        self.items.push(Item::Committed {
+        self.ops.push(Op::Committed {
             group,
             value: committed.into(),
         });
@@ -181,18 +129,18 @@ impl WriteBatch {
     /// Removes `group` entirely: entries, keys, vote and committed marker.
     pub fn remove_group(&mut self, group: u64) -> &mut Self {
         self.body.remove_group(group);
-        self.items.push(Item::RemoveGroup { group });
+        self.ops.push(Op::RemoveGroup { group });
         self
     }
 
     /// Whether the batch holds no operation.
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.ops.is_empty()
     }
 
     /// Number of operations in the batch.
     pub fn len(&self) -> usize {
-        self.items.len()
+        self.ops.len()
     }
 
     /// Bytes of entry payload in the batch.
@@ -200,15 +148,14 @@ impl WriteBatch {
         self.body.payload.len()
     }
 
-    /// The spans (in the record's raw body) of an append item's entries.
-    pub(crate) fn spans(&self, lens_at: usize, count: usize, payload_at: usize) -> Vec<EntrySpan> {
-        let mut off = (self.body.payload_base() + payload_at) as u32;
-        self.lens[lens_at..lens_at + count]
+    /// The entry spans shifted to offsets in the record's raw body (what the index stores).
+    pub(crate) fn record_spans(&self) -> Vec<EntrySpan> {
+        let base = self.body.payload_base() as u32;
+        self.spans
             .iter()
-            .map(|&len| {
-                let s = EntrySpan { off, len };
-                off += len;
-                s
+            .map(|s| EntrySpan {
+                off: s.off + base,
+                len: s.len,
             })
             .collect()
     }

@@ -364,6 +364,46 @@ pub enum Op<B> {
     },
 }
 
+impl Op<Box<[u8]>> {
+    /// The same op, borrowing its bytes.
+    pub(crate) fn borrowed(&self) -> Op<&[u8]> {
+        match self {
+            Op::Append {
+                group,
+                first,
+                spans,
+            } => Op::Append {
+                group: *group,
+                first: *first,
+                spans: spans.clone(),
+            },
+            Op::Truncate { group, index } => Op::Truncate {
+                group: *group,
+                index: *index,
+            },
+            Op::Purge { group, index } => Op::Purge {
+                group: *group,
+                index: *index,
+            },
+            Op::Put { group, key, value } => Op::Put {
+                group: *group,
+                key,
+                value,
+            },
+            Op::Delete { group, key } => Op::Delete { group: *group, key },
+            Op::Vote { group, value } => Op::Vote {
+                group: *group,
+                value,
+            },
+            Op::Committed { group, value } => Op::Committed {
+                group: *group,
+                value,
+            },
+            Op::RemoveGroup { group } => Op::RemoveGroup { group: *group },
+        }
+    }
+}
+
 impl<B> Op<B> {
     /// The group the op acts on.
     pub fn group(&self) -> u64 {

@@ -24,7 +24,6 @@ use crate::batch::WriteBatch;
 use crate::checkpoint::{Checkpoint, GroupMeta};
 use crate::engine::{Engine, Inner};
 use crate::error::{Error, Result};
-use crate::index::Group;
 use crate::options::MAX_RECORD_BYTES;
 use crate::pipeline::Durability;
 use crate::segment::segment_name;
@@ -83,16 +82,6 @@ impl GcState {
         let mut q = self.queue.lock();
         q.shutdown = true;
         self.cv.notify_all();
-    }
-}
-
-/// A group's metadata, as the checkpoint stores it.
-pub(crate) fn meta_of(g: &Group) -> GroupMeta {
-    GroupMeta {
-        range: g.entries.range(),
-        vote: g.vote.clone(),
-        committed: g.committed.clone(),
-        kv: g.kv.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     }
 }
 
@@ -166,7 +155,7 @@ impl Inner {
             let shard = shard.read();
             for (&id, g) in shard.iter() {
                 if g.last_segment < b {
-                    groups.push((id, meta_of(g)));
+                    groups.push((id, g.meta()));
                 } else if let Some((at, meta)) = &g.at_boundary {
                     if *at == b {
                         groups.push((id, (**meta).clone()));

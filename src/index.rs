@@ -67,23 +67,9 @@ impl Range {
         Ok(())
     }
 
-    /// [`Self::try_append`] for a caller that has already checked the append; one that does
-    /// not fit changes nothing.
-    pub(crate) fn append(&mut self, index: u64, count: u64) {
-        let fits = self.try_append(index, count);
-        debug_assert!(fits.is_ok(), "unchecked append: {fits:?}");
-    }
-
     /// The range after `op` (the transition shared by validation and [`apply_op`]); an append
     /// that does not fit is refused and leaves the range as it was. `count` is the number of
     /// entries an append adds.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the write path's validation moves onto it when engine.rs is split"
-        )
-    )]
     pub(crate) fn apply<B>(&mut self, op: &Op<B>, count: u64) -> Result<(), String> {
         match op {
             Op::Append { first, .. } => self.try_append(*first, count)?,
@@ -206,6 +192,7 @@ impl EntryIndex {
     }
 
     /// [`Self::append`], noting in `refs` the runs it adds and drops.
+    #[cfg(test)]
     pub(crate) fn append_counted(
         &mut self,
         index: u64,
@@ -220,6 +207,7 @@ impl EntryIndex {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn truncate_from(&mut self, index: u64) {
         self.truncate_counted(index, &mut RefDelta::default());
     }
@@ -240,6 +228,7 @@ impl EntryIndex {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn purge_to(&mut self, index: u64) {
         self.purge_counted(index, &mut RefDelta::default());
     }
@@ -422,63 +411,114 @@ pub(crate) struct RecordPos {
     pub(crate) rec_len: u32,
 }
 
+/// What applying ops also maintains besides the groups: the per-segment run counts and, while
+/// a GC checkpoint is being collected, the boundary snapshots (see `gc`). Replay uses the
+/// default (no boundary armed) and rebuilds the counts afterwards.
+#[derive(Debug, Default)]
+pub(crate) struct ApplyCtx {
+    pub(crate) refs: RefDelta,
+    /// The boundary of the checkpoint being collected (0: none).
+    pub(crate) armed: u32,
+}
+
+impl Group {
+    /// This group's metadata, as a checkpoint stores it.
+    pub(crate) fn meta(&self) -> crate::checkpoint::GroupMeta {
+        crate::checkpoint::GroupMeta {
+            range: self.entries.range(),
+            vote: self.vote.clone(),
+            committed: self.committed.clone(),
+            kv: self
+                .kv
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// Notes a write in `segment`; first saves the metadata if a checkpoint at `armed` is being
+    /// collected and this is the group's first write since that boundary.
+    fn touch(&mut self, segment: u32, armed: u32) {
+        if armed != 0 && self.last_segment < armed && segment >= armed {
+            self.at_boundary = Some((armed, Box::new(self.meta())));
+        }
+        self.last_segment = segment;
+        self.version += 1;
+    }
+}
+
 /// Applies one op to `groups` (the whole map, or one shard of it): the one apply function of
-/// the crate, used by replay and meant for the write path. `spans` is the span list an append's
-/// `spans` range points into (the decoder's list, or the batch's own). An append that does not
-/// fit its group is refused and changes nothing: the caller decides whether that is an invalid
-/// batch (write path), an inconsistency (replay) or a reported skip (tolerant replay).
+/// the crate, for the write path and replay alike. `spans` is the span list an append's `spans`
+/// range points into (the decoder's list, or the batch's own, shifted to record offsets). An
+/// append that does not fit its group is refused and changes nothing: the caller decides
+/// whether that is an invalid batch (write path: validation already refused it), an
+/// inconsistency (replay) or a reported skip (tolerant replay).
 pub(crate) fn apply_op<B: Into<Box<[u8]>>>(
     groups: &mut HashMap<u64, Group>,
     op: Op<B>,
     spans: &[EntrySpan],
     pos: RecordPos,
+    ctx: &mut ApplyCtx,
 ) -> Result<(), String> {
+    let group = op.group();
+    if let Op::RemoveGroup { .. } = op {
+        if let Some(mut g) = groups.remove(&group) {
+            g.entries.clear_counted(&mut ctx.refs);
+        }
+        return Ok(());
+    }
+    let g = groups.entry(group).or_insert_with(|| Group {
+        last_segment: pos.segment,
+        ..Group::default()
+    });
     match op {
         Op::Append {
-            group,
-            first,
-            spans: at,
+            first, spans: at, ..
         } => {
             let spans = spans
                 .get(at)
                 .ok_or_else(|| format!("group {group}: append names spans outside its record"))?;
+            g.entries
+                .range()
+                .check_append(first, spans.len() as u64)
+                .map_err(|e| format!("group {group}: {e}"))?;
+            g.touch(pos.segment, ctx.armed);
             let run = Run {
                 first,
                 segment: pos.segment,
                 rec_off: pos.rec_off,
                 rec_len: pos.rec_len,
             };
-            groups
-                .entry(group)
-                .or_default()
-                .entries
-                .try_append(first, run, spans)
+            g.entries
+                .try_append_counted(first, run, spans, &mut ctx.refs)
                 .map_err(|e| format!("group {group}: {e}"))?;
         }
-        Op::Truncate { group, index } => groups
-            .entry(group)
-            .or_default()
-            .entries
-            .truncate_from(index),
-        Op::Purge { group, index } => groups.entry(group).or_default().entries.purge_to(index),
-        Op::Put { group, key, value } => {
-            groups
-                .entry(group)
-                .or_default()
-                .kv
-                .insert(key.into(), value.into());
+        Op::Truncate { index, .. } => {
+            g.touch(pos.segment, ctx.armed);
+            g.entries.truncate_counted(index, &mut ctx.refs);
         }
-        Op::Delete { group, key } => {
+        Op::Purge { index, .. } => {
+            g.touch(pos.segment, ctx.armed);
+            g.entries.purge_counted(index, &mut ctx.refs);
+        }
+        Op::Put { key, value, .. } => {
+            g.touch(pos.segment, ctx.armed);
+            g.kv.insert(key.into(), value.into());
+        }
+        Op::Delete { key, .. } => {
+            g.touch(pos.segment, ctx.armed);
             let key: Box<[u8]> = key.into();
-            groups.entry(group).or_default().kv.remove(&key);
+            g.kv.remove(&key);
         }
-        Op::Vote { group, value } => groups.entry(group).or_default().vote = Some(value.into()),
-        Op::Committed { group, value } => {
-            groups.entry(group).or_default().committed = Some(value.into())
+        Op::Vote { value, .. } => {
+            g.touch(pos.segment, ctx.armed);
+            g.vote = Some(value.into());
         }
-        Op::RemoveGroup { group } => {
-            groups.remove(&group);
+        Op::Committed { value, .. } => {
+            g.touch(pos.segment, ctx.armed);
+            g.committed = Some(value.into());
         }
+        Op::RemoveGroup { .. } => {}
     }
     Ok(())
 }
@@ -602,8 +642,22 @@ mod tests {
             rec_off: 32,
             rec_len: 100,
         };
-        apply_op(&mut groups, append(5), &spans(2), pos).unwrap();
-        assert!(apply_op(&mut groups, append(9), &spans(2), pos).is_err());
+        apply_op(
+            &mut groups,
+            append(5),
+            &spans(2),
+            pos,
+            &mut ApplyCtx::default(),
+        )
+        .unwrap();
+        assert!(apply_op(
+            &mut groups,
+            append(9),
+            &spans(2),
+            pos,
+            &mut ApplyCtx::default()
+        )
+        .is_err());
         assert_eq!(groups[&1].entries.range(), Range { first: 5, len: 2 });
     }
 

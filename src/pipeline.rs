@@ -27,13 +27,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::batch::{Item, WriteBatch};
-use crate::codec::{record_crc, seal_record, set_crc, RECORD_HEADER_LEN};
+use crate::batch::WriteBatch;
+use crate::codec::{record_crc, seal_record, set_crc, EntrySpan, Op, RECORD_HEADER_LEN};
 use crate::commit::{Callback, Signal, Syncer, Waiter};
 use crate::engine::Inner;
 use crate::error::{Error, Result};
 use crate::fs::FsFile;
-use crate::index::{Group, Groups, Range, RefDelta, Run};
+use crate::index::{apply_op, ApplyCtx, Groups, Range, RecordPos, RefDelta};
 use crate::options::MAX_RECORD_BYTES;
 use crate::segment::{create_segment, prefill_segment, segment_name, SEGMENT_HEADER_LEN};
 
@@ -151,8 +151,8 @@ fn validate(groups: &Groups, batch: &WriteBatch, overlay: &mut Vec<(u64, Range)>
             )));
         }
     }
-    for item in &batch.items {
-        let group = item.group();
+    for op in &batch.ops {
+        let group = op.group();
         let at = match mine.iter().position(|(g, _)| *g == group) {
             Some(i) => i,
             None => {
@@ -170,77 +170,16 @@ fn validate(groups: &Groups, batch: &WriteBatch, overlay: &mut Vec<(u64, Range)>
         let Some((_, range)) = mine.get_mut(at) else {
             continue;
         };
-        match item {
-            Item::Append { first, count, .. } => {
-                range
-                    .check_append(*first, *count as u64)
-                    .map_err(|e| Error::InvalidArgument(format!("group {group}: {e}")))?;
-                range.append(*first, *count as u64);
-            }
-            Item::Truncate { index, .. } => range.truncate_from(*index),
-            Item::Purge { index, .. } => range.purge_to(*index),
-            Item::RemoveGroup { .. } => *range = Range::default(),
-            _ => {}
-        }
+        let count = match op {
+            Op::Append { spans, .. } => spans.len() as u64,
+            _ => 0,
+        };
+        range
+            .apply(op, count)
+            .map_err(|e| Error::InvalidArgument(format!("group {group}: {e}")))?;
     }
     overlay.extend(mine);
     Ok(())
-}
-
-/// Notes a write to `g` in `segment`; saves its metadata first if a checkpoint at `armed` is
-/// being collected and this is the group's first write since that boundary (see `gc`).
-fn touch(g: &mut Group, segment: u32, armed: u32) {
-    if armed != 0 && g.last_segment < armed && segment >= armed {
-        g.at_boundary = Some((armed, Box::new(crate::gc::meta_of(g))));
-    }
-    g.last_segment = segment;
-    g.version += 1;
-}
-
-/// Applies one item of a written batch to its group's shard map.
-fn apply_item(
-    shard: &mut std::collections::HashMap<u64, Group>,
-    batch: &WriteBatch,
-    item: &Item,
-    run: Run,
-    armed: u32,
-    refs: &mut RefDelta,
-) {
-    let group = item.group();
-    if let Item::RemoveGroup { .. } = item {
-        if let Some(mut g) = shard.remove(&group) {
-            g.entries.clear_counted(refs);
-        }
-        return;
-    }
-    let g = shard.entry(group).or_insert_with(|| Group {
-        last_segment: run.segment,
-        ..Group::default()
-    });
-    touch(g, run.segment, armed);
-    match item {
-        Item::Append {
-            first,
-            lens_at,
-            count,
-            payload_at,
-            ..
-        } => {
-            let spans = batch.spans(*lens_at, *count, *payload_at);
-            g.entries.append_counted(*first, run, &spans, refs);
-        }
-        Item::Truncate { index, .. } => g.entries.truncate_counted(*index, refs),
-        Item::Purge { index, .. } => g.entries.purge_counted(*index, refs),
-        Item::Put { key, value, .. } => {
-            g.kv.insert(key.clone(), value.clone());
-        }
-        Item::Delete { key, .. } => {
-            g.kv.remove(key);
-        }
-        Item::Vote { value, .. } => g.vote = Some(value.clone()),
-        Item::Committed { value, .. } => g.committed = Some(value.clone()),
-        Item::RemoveGroup { .. } => {}
-    }
 }
 
 impl Syncer for Inner {
@@ -522,17 +461,29 @@ impl Inner {
         if placed.is_empty() {
             return;
         }
-        let armed = self.gc.armed();
+        let mut ctx = ApplyCtx {
+            refs: RefDelta::default(),
+            armed: self.gc.armed(),
+        };
+        // Each placed member's spans, shifted to record offsets, once.
+        let spans: Vec<Vec<EntrySpan>> = placed
+            .iter()
+            .map(|&(i, _, _)| {
+                members
+                    .get(i)
+                    .map(|m| m.batch.record_spans())
+                    .unwrap_or_default()
+            })
+            .collect();
         let mut work: Vec<(usize, usize, usize)> = Vec::new();
         for (p, &(i, _, _)) in placed.iter().enumerate() {
             if let Some(m) = members.get(i) {
-                for (k, item) in m.batch.items.iter().enumerate() {
-                    work.push((Groups::shard_index(item.group()), p, k));
+                for (k, op) in m.batch.ops.iter().enumerate() {
+                    work.push((Groups::shard_index(op.group()), p, k));
                 }
             }
         }
         work.sort_by_key(|w| w.0);
-        let mut refs = RefDelta::default();
         let mut at = 0;
         while let Some(&(shard_ix, _, _)) = work.get(at) {
             let mut shard = self.groups.shard_at(shard_ix).write();
@@ -541,23 +492,27 @@ impl Inner {
                     break;
                 }
                 at += 1;
-                let Some(&(i, segment, offset)) = placed.get(p) else {
+                let (Some(&(i, segment, offset)), Some(spans)) = (placed.get(p), spans.get(p))
+                else {
                     continue;
                 };
                 let Some(m) = members.get(i) else { continue };
-                let Some(item) = m.batch.items.get(k) else {
+                let Some(op) = m.batch.ops.get(k) else {
                     continue;
                 };
-                let run = Run {
-                    first: 0,
+                let pos = RecordPos {
                     segment: segment as u32,
                     rec_off: offset as u32,
                     rec_len: m.record.len() as u32,
                 };
-                apply_item(&mut shard, &m.batch, item, run, armed, &mut refs);
+                // Validation refused every misfit already: an error here is a bug, not input.
+                if let Err(e) = apply_op(&mut shard, op.borrowed(), spans, pos, &mut ctx) {
+                    debug_assert!(false, "a validated op was refused: {e}");
+                    tracing::error!(error = %e, "a validated op was refused");
+                }
             }
         }
-        self.refs.apply(&refs);
+        self.refs.apply(&ctx.refs);
     }
 
     /// Writes the tail buffer to the active segment's file. Called with the log lock.

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use crate::checkpoint::Checkpoint;
 use crate::codec::{EntrySpan, Op};
 use crate::error::{Error, Result};
-use crate::index::{apply_op, Group, Range, RecordPos, Run};
+use crate::index::{apply_op, ApplyCtx, Group, Range, RecordPos, Run};
 use crate::options::RecoveryMode;
 
 use super::scan::{Records, SegmentScan};
@@ -206,7 +206,8 @@ pub(super) fn replay_segment(
                 continue;
             }
             let group = op.group();
-            if let Err(reason) = apply_op(groups, op, &records.spans, pos) {
+            if let Err(reason) = apply_op(groups, op, &records.spans, pos, &mut ApplyCtx::default())
+            {
                 if mode != RecoveryMode::TolerateAny {
                     return Err(Error::Inconsistent {
                         group,
