@@ -108,13 +108,15 @@ pub fn create_segment(
     Ok(file)
 }
 
-/// Whether the background zero-fill syncs every 8 MiB instead of once at its end.
-const PACED_PREFILL: bool = false;
+/// Whether the background zero-fill syncs after every 1 MiB chunk instead of once at its end.
+/// Measured (docs/BENCHMARKS.md): one 128 MiB flush at the end stalled synced writers for
+/// 40–58 ms; syncing each chunk keeps their max latency under 10 ms at the same throughput.
+const PACED_PREFILL: bool = true;
 
 /// Writes zeros over a segment from the end of its header to `size`, in 1 MiB chunks, stopping
-/// early once `cancel` is set. With `paced`, every 8 MiB are synced before more are written, so
-/// the zero-fill does not put one large flush in the disk's queue ahead of a writer's fdatasync
-/// (a 128 MiB flush stalled synced writes for ~50 ms). Returns whether it reached `size`.
+/// early once `cancel` is set. With `paced`, each chunk is synced before the next is written, so
+/// the zero-fill never puts a large flush in the disk's queue ahead of a writer's fdatasync.
+/// Returns whether it reached `size`.
 fn write_zeros(
     file: &dyn FsFile,
     size: u64,
@@ -130,7 +132,7 @@ fn write_zeros(
         }
         let n = (size - off).min(CHUNK as u64) as usize;
         file.write_all_at(&zeros[..n], off)?;
-        if paced && (off / CHUNK as u64) % 8 == 7 {
+        if paced {
             file.sync_data()?;
         }
         off += n as u64;
