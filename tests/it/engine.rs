@@ -765,3 +765,37 @@ fn another_process_cannot_open_a_locked_directory() {
     let free = run_child();
     assert!(free.contains("CHILD: OPENED"), "child output: {free}");
 }
+
+/// Issue 8, item 7: a batch whose only operation appends one entry larger than the record limit
+/// used to return `Ok(())` and store nothing (the empty-batch shortcut came before the stored
+/// error); through the adapter, openraft would have been told the entry was durable.
+#[test]
+fn a_batch_of_one_oversized_entry_is_refused_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::open(dir.path(), Options::default()).unwrap();
+    // Zeroed and never written: the allocator maps it lazily, so this costs no real memory.
+    let big = vec![0u8; (1usize << 30) + 1];
+    for synced in [true, false] {
+        let mut b = WriteBatch::new();
+        b.append(1, 1, [&big]);
+        let r = if synced {
+            e.write(b)
+        } else {
+            e.write_unsynced(b)
+        };
+        assert!(
+            matches!(r, Err(multiraft_wal::Error::InvalidArgument(_))),
+            "an entry over the record limit must be refused, got {r:?}"
+        );
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut b = WriteBatch::new();
+    b.append(1, 1, [&big]);
+    let r = e.write_async(b, move |r| tx.send(r.is_ok()).unwrap());
+    assert!(matches!(r, Err(multiraft_wal::Error::InvalidArgument(_))));
+    assert!(
+        rx.recv().is_err(),
+        "the callback of a refused batch is dropped uncalled"
+    );
+    assert_eq!(e.last_index(1), None);
+}
