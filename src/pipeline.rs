@@ -144,8 +144,11 @@ fn validate(groups: &Groups, batch: &WriteBatch, overlay: &mut Vec<(u64, Range)>
     }
     let mut mine: Vec<(u64, Range)> = Vec::new();
     for &(group, version) in &batch.expect_version {
+        // An earlier member of this write group may have written the group without being
+        // applied yet: the version alone would not show it.
+        let touched = overlay.iter().any(|(g, _)| *g == group);
         let now = groups.read(group, |g| g.version);
-        if now != Some(version) {
+        if touched || now != Some(version) {
             return Err(Error::InvalidArgument(format!(
                 "group {group} changed while being rewritten"
             )));
@@ -710,5 +713,33 @@ impl Inner {
         let p = log.next.take()?;
         p.cancel.store(true, Ordering::Relaxed);
         p.handle.join().ok().and_then(|r| r.ok()).map(|(f, _)| f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewrite_behind_an_owner_write_in_the_same_group_is_refused() {
+        let groups = Groups::default();
+        let mut owner = WriteBatch::new();
+        owner.append(1, 1, [b"new entry"]);
+        // The rewrite read version 0 (the group as the index has it): alone it is valid...
+        let mut rewrite = WriteBatch::new();
+        rewrite.append(1, 1, [b"stale copy"]);
+        rewrite.expect_version.push((1, 0));
+        groups
+            .shard(1)
+            .write()
+            .insert(1, crate::index::Group::default());
+        assert!(validate(&groups, &rewrite, &mut Vec::new()).is_ok());
+        // ...but not behind an unapplied owner write to the same group in one write group.
+        let mut overlay = Vec::new();
+        validate(&groups, &owner, &mut overlay).unwrap();
+        assert!(matches!(
+            validate(&groups, &rewrite, &mut overlay),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 }
