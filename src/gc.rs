@@ -341,8 +341,7 @@ impl Engine {
         }
         // One atomic record (an append replaces the tail, so a rewrite cannot be split): a group
         // too large for one record is left to its owner to compact.
-        let bytes: u64 = entries.iter().map(|e| e.len() as u64 + 16).sum();
-        if bytes + 1024 > MAX_RECORD_BYTES / 2 {
+        if !rewrite_fits_one_record(entries.iter().map(Vec::len)) {
             return Ok(false);
         }
         let mut batch = WriteBatch::new();
@@ -357,10 +356,47 @@ impl Engine {
     }
 }
 
+/// Whether a rewrite of entries of these lengths stays one record well under the record limit
+/// (issue 8, item 2: a rewrite above `MAX_RECORD_BYTES` was written, then refused by recovery
+/// after the originals were deleted). Counts a generous per-entry and per-record overhead, and
+/// keeps to half the limit so compression flags and headers never matter.
+fn rewrite_fits_one_record(lens: impl Iterator<Item = usize>) -> bool {
+    let bytes = lens.fold(1024u64, |sum, len| {
+        sum.saturating_add((len as u64).saturating_add(16))
+    });
+    bytes <= MAX_RECORD_BYTES / 2
+}
+
 /// Starts the GC thread.
 pub(crate) fn spawn(inner: Arc<Inner>) -> Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("mrwal-gc".into())
         .spawn(move || inner.run_gc_thread())
         .map_err(|e| Error::io("starting the GC thread", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewrite_never_builds_a_record_near_the_limit() {
+        let half = (MAX_RECORD_BYTES / 2) as usize;
+        assert!(rewrite_fits_one_record([100usize; 10].into_iter()));
+        // One entry that alone is at the limit, and many that add up past half of it.
+        assert!(!rewrite_fits_one_record(
+            [MAX_RECORD_BYTES as usize].into_iter()
+        ));
+        assert!(!rewrite_fits_one_record(std::iter::repeat_n(
+            half / 1000,
+            1001
+        )));
+        // The boundary: exactly half of the limit with the overheads fits, one byte more not.
+        assert!(rewrite_fits_one_record([half - 1024 - 16].into_iter()));
+        assert!(!rewrite_fits_one_record([half - 1024 - 15].into_iter()));
+        // No overflow on absurd lengths.
+        assert!(!rewrite_fits_one_record(
+            [usize::MAX, usize::MAX].into_iter()
+        ));
+    }
 }
