@@ -108,6 +108,12 @@ impl State {
         self.waiters.back().is_some_and(|(s, _)| *s > self.synced)
     }
 
+    /// Whether the sync stage has work and nobody leads it: waiters beyond `synced`, or waiters
+    /// left to fail after poisoning.
+    fn needs_leader(&self) -> bool {
+        !self.syncing && (self.pending() || self.poisoned.is_some() && !self.waiters.is_empty())
+    }
+
     /// Removes the waiters that `synced` covers.
     fn take_ready(&mut self) -> Vec<Waiter> {
         let mut ready = Vec::new();
@@ -261,7 +267,7 @@ impl Commit {
     /// is asked instead.
     pub(crate) fn kick(&self, can_lead: bool) -> bool {
         let mut st = self.state.lock();
-        if st.syncing || !(st.pending() || st.poisoned.is_some() && !st.waiters.is_empty()) {
+        if !st.needs_leader() {
             return false;
         }
         if can_lead {
@@ -417,8 +423,7 @@ impl Commit {
                 if !st.ready_callbacks.is_empty() {
                     break;
                 }
-                if !st.syncing && (st.pending() || st.poisoned.is_some() && !st.waiters.is_empty())
-                {
+                if st.needs_leader() {
                     break;
                 }
                 if st.shutdown && st.waiters.is_empty() && !st.syncing {
@@ -428,8 +433,7 @@ impl Commit {
             }
             let callbacks = std::mem::take(&mut st.ready_callbacks);
             let poisoned = st.poisoned.clone();
-            let lead =
-                !st.syncing && (st.pending() || st.poisoned.is_some() && !st.waiters.is_empty());
+            let lead = st.needs_leader();
             if lead {
                 st.syncing = true;
             }

@@ -274,7 +274,7 @@ impl Engine {
                 if id > u64::from(u32::MAX) {
                     return Err(Error::InvalidArgument("segment ids exhausted".into()));
                 }
-                let file = create_segment(fs.as_ref(), &dir, id, options.segment_size, false)?;
+                let file = create_segment(fs.as_ref(), &dir, id, options.segment_size)?;
                 (id, file, false)
             }
         };

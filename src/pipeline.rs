@@ -568,7 +568,7 @@ impl Inner {
         let cancel = Arc::new(AtomicBool::new(false));
         let stop = cancel.clone();
         let handle = std::thread::spawn(move || {
-            let file = create_segment(fs.as_ref(), &dir, id, size, false)?;
+            let file = create_segment(fs.as_ref(), &dir, id, size)?;
             if prefill {
                 let done = prefill_segment(file.as_ref(), id, size, &stop)?;
                 return Ok((file, done));
@@ -650,13 +650,7 @@ impl Inner {
         // Prepare failed (or was never started): try once more inline. A leftover file of that
         // id is garbage from the failed attempt.
         let _ = self.fs.remove(&self.dir.join(segment_name(next_id)));
-        let file = create_segment(
-            self.fs.as_ref(),
-            &self.dir,
-            next_id,
-            self.opts.segment_size,
-            false,
-        )?;
+        let file = create_segment(self.fs.as_ref(), &self.dir, next_id, self.opts.segment_size)?;
         Ok((file, false))
     }
 

@@ -71,15 +71,14 @@ pub fn check_header(id: u64, bytes: &[u8]) -> std::result::Result<(), &'static s
     Ok(())
 }
 
-/// Creates segment `id` in `dir`: writes the header under a temporary name, reserves
-/// `size` bytes (zero-filled if `prefill`), fsyncs the file, renames it into place and fsyncs the
-/// directory. Returns the open file.
+/// Creates segment `id` in `dir`: writes the header under a temporary name, reserves `size`
+/// bytes, fsyncs the file, renames it into place and fsyncs the directory. Returns the open
+/// file. Zero-filling, when the workload wants it, comes after ([`prefill_segment`]).
 pub fn create_segment(
     fs: &dyn FileSystem,
     dir: &Path,
     id: u64,
     size: u64,
-    prefill: bool,
 ) -> Result<Arc<dyn FsFile>> {
     let name = segment_name(id);
     let tmp = dir.join(format!("{name}{TMP_EXT}"));
@@ -91,13 +90,8 @@ pub fn create_segment(
     file.write_all_at(&encode_header(id), 0)
         .map_err(|e| Error::io(ctx("writing header of"), e))?;
     if size > SEGMENT_HEADER_LEN {
-        if prefill {
-            write_zeros(file.as_ref(), size, &AtomicBool::new(false), false)
-                .map_err(|e| Error::io(ctx("prefilling"), e))?;
-        } else {
-            file.allocate(size)
-                .map_err(|e| Error::io(ctx("preallocating"), e))?;
-        }
+        file.allocate(size)
+            .map_err(|e| Error::io(ctx("preallocating"), e))?;
     }
     file.sync_data()
         .map_err(|e| Error::io(ctx("syncing new"), e))?;
@@ -108,22 +102,17 @@ pub fn create_segment(
     Ok(file)
 }
 
-/// Whether the background zero-fill syncs after every 1 MiB chunk instead of once at its end.
-/// Measured (docs/BENCHMARKS.md): one 128 MiB flush at the end stalled synced writers for
-/// 40–58 ms; syncing each chunk keeps their max latency under 10 ms at the same throughput.
-const PACED_PREFILL: bool = true;
-
-/// Writes zeros over a segment from the end of its header to `size`, in 1 MiB chunks, stopping
-/// early once `cancel` is set. With `paced`, each chunk is synced before the next is written, so
-/// the zero-fill never puts a large flush in the disk's queue ahead of a writer's fdatasync.
-/// Returns whether it reached `size`.
-fn write_zeros(
-    file: &dyn FsFile,
-    size: u64,
-    cancel: &AtomicBool,
-    paced: bool,
-) -> std::io::Result<bool> {
+/// Zero-fills an existing, still empty segment (whose space was only reserved) so that
+/// fdatasync into it skips the file system's metadata journal. Its content does not change:
+/// reserved space reads as zeros already. Writes 1 MiB chunks and syncs each before the next,
+/// so the zero-fill never puts a large flush in the disk's queue ahead of a writer's fdatasync
+/// (measured in docs/BENCHMARKS.md: one 128 MiB flush at the end stalled synced writers for
+/// 40–58 ms; chunk by chunk their max latency stays under 10 ms at the same throughput). Stops
+/// between chunks once `cancel` is set (a rotation takes the segment as it is; the zeros written
+/// so far are synced with its data). Returns whether the whole segment was zero-filled.
+pub fn prefill_segment(file: &dyn FsFile, id: u64, size: u64, cancel: &AtomicBool) -> Result<bool> {
     const CHUNK: usize = 1 << 20;
+    let err = |e| Error::io(format!("prefilling segment {id}"), e);
     let zeros = vec![0u8; CHUNK];
     let mut off = SEGMENT_HEADER_LEN;
     while off < size {
@@ -131,28 +120,11 @@ fn write_zeros(
             return Ok(false);
         }
         let n = (size - off).min(CHUNK as u64) as usize;
-        file.write_all_at(&zeros[..n], off)?;
-        if paced {
-            file.sync_data()?;
-        }
+        file.write_all_at(&zeros[..n], off).map_err(err)?;
+        file.sync_data().map_err(err)?;
         off += n as u64;
     }
     Ok(true)
-}
-
-/// Zero-fills an existing, still empty segment (whose space was only reserved) so that
-/// fdatasync into it skips the file system's metadata journal, and syncs it. Its content does
-/// not change: reserved space reads as zeros already. Stops between chunks once `cancel` is set
-/// (a rotation takes the segment as it is; the zeros written so far are synced with its data).
-/// Returns whether the whole segment was zero-filled.
-pub fn prefill_segment(file: &dyn FsFile, id: u64, size: u64, cancel: &AtomicBool) -> Result<bool> {
-    let done = write_zeros(file, size, cancel, PACED_PREFILL)
-        .map_err(|e| Error::io(format!("prefilling segment {id}"), e))?;
-    if done {
-        file.sync_data()
-            .map_err(|e| Error::io(format!("syncing prefilled segment {id}"), e))?;
-    }
-    Ok(done)
 }
 
 #[cfg(test)]
