@@ -674,20 +674,7 @@ fn kill_then_power_cut(
     let (engine, served) = check_recovery(&killed, script, prefill, run.durable, run.attempted)
         .map_err(|e| format!("after the kill: {e}"))?;
     let before = observe(&engine, &script.groups)?;
-    let g = *script.groups.keys().next().ok_or("no groups")?;
-    let first = before
-        .groups
-        .get(&g)
-        .and_then(GroupState::last)
-        .map_or(1, |l| l + 1);
-    let op = MOp::Append {
-        group: g,
-        first,
-        entries: vec![b"written after the kill".to_vec()],
-    };
-    engine
-        .write(to_batch(std::slice::from_ref(&op)))
-        .map_err(|e| format!("write after the kill failed: {e}"))?;
+    let op = append_one_synced(&engine, script, &before, "the kill")?;
     // The power goes while this engine is still running: no clean shutdown.
     let cut = killed.crash_image(variant, seed);
     drop(engine);
@@ -716,20 +703,7 @@ fn write_after_recovery(
     prefill: bool,
 ) -> Result<(), String> {
     let before = observe(&engine, &script.groups)?;
-    let g = *script.groups.keys().next().ok_or("no groups")?;
-    let first = before
-        .groups
-        .get(&g)
-        .and_then(GroupState::last)
-        .map_or(1, |l| l + 1);
-    let op = MOp::Append {
-        group: g,
-        first,
-        entries: vec![b"written after recovery".to_vec()],
-    };
-    engine
-        .write(to_batch(std::slice::from_ref(&op)))
-        .map_err(|e| format!("write after recovery failed: {e}"))?;
+    let op = append_one_synced(&engine, script, &before, "recovery")?;
     drop(engine);
     let mut want = before;
     want.apply(&op);
@@ -938,4 +912,29 @@ fn crash_at_every_io_point() {
             tally.recoveries
         );
     }
+}
+
+/// Appends one entry (synced) to the first group of the script, after what `before` shows it
+/// holds; returns the op for the model. `after` names the moment, for messages and payload.
+fn append_one_synced(
+    engine: &Engine,
+    script: &Script,
+    before: &ModelState,
+    after: &str,
+) -> Result<MOp, String> {
+    let g = *script.groups.keys().next().ok_or("no groups")?;
+    let first = before
+        .groups
+        .get(&g)
+        .and_then(GroupState::last)
+        .map_or(1, |l| l + 1);
+    let op = MOp::Append {
+        group: g,
+        first,
+        entries: vec![format!("written after {after}").into_bytes()],
+    };
+    engine
+        .write(to_batch(std::slice::from_ref(&op)))
+        .map_err(|e| format!("write after {after} failed: {e}"))?;
+    Ok(op)
 }
