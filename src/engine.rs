@@ -122,6 +122,7 @@ pub(crate) struct Inner {
 
 /// Counters describing the engine's state.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct Stats {
     /// Groups known.
     pub groups: usize,
@@ -230,8 +231,12 @@ impl Engine {
         options.validate()?;
         let dir = dir.as_ref().to_path_buf();
         let fs = options.file_system.clone();
-        fs.create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("creating {dir:?}"), e))?;
+        fs.create_dir_all(&dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::NotADirectory => {
+                Error::NotADirectory { path: dir.clone() }
+            }
+            _ => Error::io(format!("creating the data directory {dir:?}"), e),
+        })?;
         let lock_path = dir.join(LOCK_NAME);
         // A process forking in this one (to exec a child) briefly shares the lock file's
         // descriptor, and with it the lock, until the child's exec closes it: a reopen right
@@ -253,7 +258,7 @@ impl Engine {
                     path: lock_path.clone(),
                 }
             } else {
-                Error::io("locking the data directory", e)
+                Error::io(format!("locking {lock_path:?}"), e)
             }
         })?;
         let rec = recover(fs.as_ref(), &dir, &options)?;
@@ -272,7 +277,7 @@ impl Engine {
                 // Not prefilled here: opening stays fast; the segments after it are prefilled.
                 let id = rec.next_segment;
                 if id > u64::from(u32::MAX) {
-                    return Err(Error::InvalidArgument("segment ids exhausted".into()));
+                    return Err(Error::SegmentIdsExhausted);
                 }
                 let file = create_segment(fs.as_ref(), &dir, id, options.segment_size)?;
                 (id, file, false)

@@ -30,6 +30,7 @@ use crate::segment::segment_name;
 
 /// What one call of [`Engine::gc`] did and found.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct GcReport {
     /// Segments deleted.
     pub deleted_segments: Vec<u64>,
@@ -350,7 +351,7 @@ impl Engine {
         match self.inner().submit(batch, Durability::Unsynced) {
             Ok(()) => Ok(true),
             // The group changed meanwhile: its owner's writes are newer; skip it.
-            Err(Error::InvalidArgument(_)) => Ok(false),
+            Err(Error::GroupChanged { .. }) => Ok(false),
             Err(e) => Err(e),
         }
     }
