@@ -141,6 +141,29 @@ pub struct Stats {
 }
 
 impl Inner {
+    /// The counters of [`Engine::stats`]; also publishes the gauges that need this walk of the
+    /// index (never called on the write path).
+    pub(crate) fn stats(&self) -> Stats {
+        let inner = self;
+        let mut s = Stats::default();
+        for shard in inner.groups.shards() {
+            let shard = shard.read();
+            s.groups += shard.len();
+            for g in shard.values() {
+                s.entries += g.entries.range().len;
+                s.index_bytes += g.entries.heap_bytes() as u64;
+            }
+        }
+        s.segments = inner.segments.read().len();
+        let log = inner.log.lock();
+        s.active_segment = log.segment;
+        s.written_batches = log.written;
+        drop(log);
+        s.synced_batches = inner.commit.synced();
+        crate::telemetry::state(s.segments, s.groups, s.index_bytes);
+        s
+    }
+
     /// Poisons the engine with `err` and returns it.
     pub(crate) fn fail(&self, err: Error) -> Error {
         self.commit.poison(err.to_string());
@@ -230,6 +253,8 @@ impl Engine {
     pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Engine> {
         options.validate()?;
         let dir = dir.as_ref().to_path_buf();
+        let _span = tracing::info_span!("open", dir = ?dir).entered();
+        crate::telemetry::describe();
         let fs = options.file_system.clone();
         fs.create_dir_all(&dir).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::NotADirectory => {
@@ -261,7 +286,31 @@ impl Engine {
                 Error::io(format!("locking {lock_path:?}"), e)
             }
         })?;
-        let rec = recover(fs.as_ref(), &dir, &options)?;
+        let rec = {
+            let _span = tracing::info_span!("recovery", mode = ?options.recovery_mode).entered();
+            recover(fs.as_ref(), &dir, &options)?
+        };
+        let mut dropped = 0;
+        if let Some(cut) = &rec.report.tail_cut {
+            dropped += cut.bytes;
+            tracing::warn!(
+                segment = cut.segment,
+                offset = cut.offset,
+                bytes = cut.bytes,
+                "recovery cut a torn tail (bytes past the last proven-durable point)"
+            );
+        }
+        for s in &rec.report.skipped {
+            dropped += s.end.saturating_sub(s.start);
+            tracing::warn!(
+                segment = s.segment,
+                start = s.start,
+                end = s.end,
+                reason = %s.reason,
+                "recovery skipped damaged bytes (TolerateAny)"
+            );
+        }
+        crate::telemetry::recovery(rec.report.duration, rec.report.bytes, dropped);
         let groups = Groups::default();
         for (id, g) in rec.groups {
             groups.shard(id).write().insert(id, g);
@@ -329,6 +378,7 @@ impl Engine {
             opts: options,
         });
         inner.refs.rebuild(&inner.groups);
+        inner.stats();
         {
             let mut log = inner.log.lock();
             log.next = Some(match ready_next {
@@ -556,22 +606,6 @@ impl Engine {
 
     /// Counters describing the engine.
     pub fn stats(&self) -> Stats {
-        let inner = self.inner();
-        let mut s = Stats::default();
-        for shard in inner.groups.shards() {
-            let shard = shard.read();
-            s.groups += shard.len();
-            for g in shard.values() {
-                s.entries += g.entries.range().len;
-                s.index_bytes += g.entries.heap_bytes() as u64;
-            }
-        }
-        s.segments = inner.segments.read().len();
-        let log = inner.log.lock();
-        s.active_segment = log.segment;
-        s.written_batches = log.written;
-        drop(log);
-        s.synced_batches = inner.commit.synced();
-        s
+        self.inner().stats()
     }
 }

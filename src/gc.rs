@@ -135,7 +135,14 @@ impl Inner {
                     self.gc.cv.wait(&mut q);
                 }
             };
+            let span = tracing::info_span!("gc", boundary = job.boundary).entered();
             let result = self.collect_and_delete(job);
+            if let Ok((deleted, freed)) = &result {
+                tracing::debug!(deleted = deleted.len(), freed, "GC job done");
+                crate::telemetry::gc_run(*freed, self.segments.read().len());
+                self.stats();
+            }
+            drop(span);
             let mut q = self.gc.queue.lock();
             q.done += 1;
             q.last = match result {

@@ -30,6 +30,7 @@ pub mod raft09;
 pub mod raft_shared;
 mod recovery;
 mod segment;
+mod telemetry;
 
 pub use batch::WriteBatch;
 pub use durable::DurableWrite;

@@ -289,6 +289,7 @@ impl Inner {
     fn lead(&self, own: &Arc<Request>) -> Result<()> {
         let members = std::mem::take(&mut self.queue.lock().pending);
         let outcome = self.write_group(&members);
+        crate::telemetry::write_group(outcome.iter().filter(|r| r.is_ok()).count());
         let mut own_result: Result<Option<u64>> = Ok(None);
         let mut others_wait = false;
         for (m, result) in members.iter().zip(outcome) {
@@ -524,6 +525,7 @@ impl Inner {
             self.commit.poison(err.to_string());
             return Err(err);
         }
+        crate::telemetry::bytes_written(len);
         let mut tail = self.tail.write();
         tail.base = base + len;
         tail.bytes.clear();
@@ -634,6 +636,7 @@ impl Inner {
     /// one. Called with the log lock.
     /// Returns the GC job it armed, if any.
     pub(crate) fn rotate(&self, log: &mut LogWriter) -> Result<Option<u64>> {
+        let _span = tracing::debug_span!("rotation", from = log.segment).entered();
         self.flush_tail(log, None)?;
         let next_id = log.segment + 1;
         if next_id > u64::from(u32::MAX) {
@@ -651,7 +654,12 @@ impl Inner {
         self.commit.guarded_sync(&what, || log.file.sync_data())?;
         self.sync_point.rotated(log.segment, log.offset);
         self.commit.mark_synced(log.written);
-        self.segments.write().insert(next_id, file.clone());
+        let segments = {
+            let mut segments = self.segments.write();
+            segments.insert(next_id, file.clone());
+            segments.len()
+        };
+        crate::telemetry::rotation(segments);
         log.segment = next_id;
         self.active_segment.store(next_id, Ordering::Relaxed);
         log.file = file;
