@@ -35,6 +35,25 @@ pub const LOCK_NAME: &str = "LOCK";
 /// A handle on an open engine. Cheap to clone; the engine shuts down (its background threads
 /// stop, pending callbacks are completed, the directory lock is released) when the last clone is
 /// dropped.
+///
+/// ```
+/// use multiraft_wal::{Engine, Options, WriteBatch};
+///
+/// # fn main() -> multiraft_wal::Result<()> {
+/// # let tmp = tempfile::tempdir().unwrap();
+/// # let dir = tmp.path();
+/// let engine = Engine::open(dir, Options::default())?;
+/// let mut batch = WriteBatch::new();
+/// batch.append(1, 1, [b"one", b"two"]).set_vote(1, b"term 1");
+/// engine.write(batch)?; // returns after the fdatasync that covers it
+/// assert_eq!(engine.entry(1, 2)?.as_deref(), Some(&b"two"[..]));
+/// drop(engine);
+///
+/// let engine = Engine::open(dir, Options::default())?;
+/// assert_eq!(engine.last_index(1), Some(2));
+/// assert!(engine.recovery_report().clean_seal);
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Engine {
     handle: Arc<Handle>,

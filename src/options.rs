@@ -219,6 +219,10 @@ impl Options {
     }
 
     /// Checks the options for values the engine cannot honour.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] naming the first option out of its range.
     pub fn validate(&self) -> Result<()> {
         if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&self.segment_size) {
             return Err(Error::InvalidOption {
