@@ -430,7 +430,8 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] for a batch that does not fit the groups (nothing is written);
+    /// [`Error::NonContiguousAppend`], [`Error::IndexOverflow`], [`Error::EntryTooLarge`] or
+    /// [`Error::BatchTooLarge`] for a batch that does not fit (nothing is written);
     /// [`Error::NoSpace`] on a full disk (nothing is written); [`Error::Poisoned`] once a write
     /// or fdatasync failed.
     pub fn write(&self, batch: WriteBatch) -> Result<()> {
@@ -469,7 +470,7 @@ impl Engine {
 
     /// Writes `batch` and returns a future that resolves once the batch is durable: the
     /// awaitable form of [`Engine::write_async`], for async code. The batch's effects are
-    /// readable when this returns; awaiting the [`DurableWrite`] waits for the fdatasync that
+    /// readable when this returns; awaiting the [`DurableWrite`](crate::DurableWrite) waits for the fdatasync that
     /// covers it without blocking a thread, so one fdatasync covers the writes of many tasks.
     ///
     /// # Errors
