@@ -987,9 +987,14 @@ fn plan_from(
             match &any.recovery {
                 Ok(f) => {
                     let groups = any.groups();
+                    // Sorted: recovery reports some in hash order, and plans are compared.
+                    let mut dropped = f.report.skipped.clone();
+                    dropped.sort_by(|a, b| {
+                        (a.segment, a.start, a.end, &a.reason).cmp(&(b.segment, b.start, b.end, &b.reason))
+                    });
                     let plan = RepairPlan::Rebuild {
                         refusal,
-                        dropped: f.report.skipped.clone(),
+                        dropped,
                         tail_cut: f.report.tail_cut,
                         groups: groups.len(),
                         entries: groups.iter().map(|g| g.entries).sum(),

@@ -161,7 +161,7 @@ pub(crate) fn past_seal(checks: &[SegmentCheck], seal: Option<Seal>) -> Option<(
     let seal = seal?;
     let c = checks.iter().find(|c| c.id == seal.segment)?;
     (c.unreadable.is_none() && c.bad.is_empty() && c.file_len > seal.len && seal.len > SEGMENT_HEADER_LEN)
-        .then_some((c.id, seal.len, c.file_len - seal.len))
+        .then(|| (c.id, seal.len, c.file_len - seal.len))
 }
 
 /// The seal recovery would read, or why it is ignored.
