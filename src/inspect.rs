@@ -329,7 +329,11 @@ impl Inspection {
     /// Takes a read-only view of `dir` as recovery in `mode` sees it. Fails only if the
     /// directory cannot be listed (a missing path, not a directory, no permission); what
     /// recovery would refuse is reported in [`Inspection::recovery`].
-    pub fn open(dir: impl AsRef<Path>, mode: RecoveryMode, progress: &ScanProgress) -> Result<Self> {
+    pub fn open(
+        dir: impl AsRef<Path>,
+        mode: RecoveryMode,
+        progress: &ScanProgress,
+    ) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         require_dir(&dir)?;
         let (_lock, engine_running) = shared_lock(&dir);
@@ -347,7 +351,9 @@ impl Inspection {
                     name: name.clone(),
                     bytes,
                 });
-            } else if name != CHECKPOINT_NAME && name != crate::recovery::seal::SEAL_NAME && name != LOCK_NAME
+            } else if name != CHECKPOINT_NAME
+                && name != crate::recovery::seal::SEAL_NAME
+                && name != LOCK_NAME
             {
                 other_files.push(name.clone());
             }
@@ -462,18 +468,19 @@ impl Inspection {
         Some(GroupMeta {
             vote: g.vote.as_deref().map(<[u8]>::to_vec),
             committed: g.committed.as_deref().map(<[u8]>::to_vec),
-            kv: g
-                .kv
-                .iter()
-                .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .collect(),
+            kv: g.kv.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
         })
     }
 
     /// Up to `count` entries of `group` from index `from` (its first index if `None`), read
     /// from the files (read-only) and checked: `(index, bytes)` pairs, stopping at the group's
     /// last entry. Fails if recovery would fail, or if a record no longer passes its checks.
-    pub fn entries(&self, group: u64, from: Option<u64>, count: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+    pub fn entries(
+        &self,
+        group: u64,
+        from: Option<u64>,
+        count: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
         let state = match (&self.state, &self.recovery) {
             (Some(s), _) => s,
             (None, Err(e)) => {
@@ -499,12 +506,13 @@ impl Inspection {
                 break;
             };
             if current.as_ref().is_none_or(|(run, _, _)| *run != loc.run) {
-                let file = state
-                    .files
-                    .get(&u64::from(loc.run.segment))
-                    .ok_or(Error::MissingSegment {
-                        segment: u64::from(loc.run.segment),
-                    })?;
+                let file =
+                    state
+                        .files
+                        .get(&u64::from(loc.run.segment))
+                        .ok_or(Error::MissingSegment {
+                            segment: u64::from(loc.run.segment),
+                        })?;
                 let (buf, start) = read_record(file.as_ref(), &loc.run)?;
                 current = Some((loc.run, buf, start));
             }
@@ -838,11 +846,12 @@ pub fn check(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<CheckRepo
         let dup = refusals.iter().any(|r| r.to_string() == e.to_string());
         // Damage and checkpoint failures are listed above already.
         let listed = match e {
-            Error::Corruption { segment, offset, .. } | Error::TornTail { segment, offset } => {
-                problems
-                    .iter()
-                    .any(|p| p.segment == Some(*segment) && p.offset == *offset)
+            Error::Corruption {
+                segment, offset, ..
             }
+            | Error::TornTail { segment, offset } => problems
+                .iter()
+                .any(|p| p.segment == Some(*segment) && p.offset == *offset),
             Error::Checkpoint { .. } => true,
             _ => false,
         };
@@ -852,17 +861,20 @@ pub fn check(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<CheckRepo
     }
     for e in refusals {
         let (segment, offset) = match &e {
-            Error::Corruption { segment, offset, .. } | Error::TornTail { segment, offset } => {
-                (Some(*segment), *offset)
+            Error::Corruption {
+                segment, offset, ..
             }
+            | Error::TornTail { segment, offset } => (Some(*segment), *offset),
             Error::MissingSegment { segment } => (Some(*segment), 0),
             _ => (None, 0),
         };
         // A sealed-length failure at a spot already listed as damage says nothing new.
-        if problems
-            .iter()
-            .any(|p| segment.is_some() && p.segment == segment && p.offset == offset && p.kind != ProblemKind::PastSealedEnd)
-        {
+        if problems.iter().any(|p| {
+            segment.is_some()
+                && p.segment == segment
+                && p.offset == offset
+                && p.kind != ProblemKind::PastSealedEnd
+        }) {
             continue;
         }
         problems.push(Problem {
@@ -874,7 +886,7 @@ pub fn check(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<CheckRepo
             reason: e.to_string(),
         });
     }
-    problems.sort_by(|a, b| (a.segment, a.offset).cmp(&(b.segment, b.offset)));
+    problems.sort_by_key(|a| (a.segment, a.offset));
     let stale_segments = view
         .segments
         .iter()
@@ -990,7 +1002,8 @@ fn plan_from(
                     // Sorted: recovery reports some in hash order, and plans are compared.
                     let mut dropped = f.report.skipped.clone();
                     dropped.sort_by(|a, b| {
-                        (a.segment, a.start, a.end, &a.reason).cmp(&(b.segment, b.start, b.end, &b.reason))
+                        (a.segment, a.start, a.end, &a.reason)
+                            .cmp(&(b.segment, b.start, b.end, &b.reason))
                     });
                     let plan = RepairPlan::Rebuild {
                         refusal,

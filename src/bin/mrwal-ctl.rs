@@ -209,7 +209,9 @@ fn checkpoint_json(c: &CheckpointState) -> Value {
             survivors,
             groups,
             bytes,
-        } => json!({"state": "valid", "covers_below": covers_below, "survivors": survivors, "groups": groups, "bytes": bytes}),
+        } => {
+            json!({"state": "valid", "covers_below": covers_below, "survivors": survivors, "groups": groups, "bytes": bytes})
+        }
         CheckpointState::Damaged { reason } => json!({"state": "damaged", "reason": reason}),
         _ => json!({"state": "unknown"}),
     }
@@ -279,7 +281,9 @@ fn stat(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
     }
     println!("directory   {}", v.dir.display());
     if v.engine_running {
-        println!("WARNING     an engine holds the directory: the view may include a tail being written");
+        println!(
+            "WARNING     an engine holds the directory: the view may include a tail being written"
+        );
     }
     let total: u64 = v.segments.iter().map(|s| s.bytes).sum();
     println!("segments    {} files, {total} bytes", v.segments.len());
@@ -523,7 +527,9 @@ fn plan_json(plan: &RepairPlan) -> Value {
 
 fn print_plan(plan: &RepairPlan) {
     match plan {
-        RepairPlan::Nothing => println!("nothing to repair: a normal open succeeds and drops no data"),
+        RepairPlan::Nothing => {
+            println!("nothing to repair: a normal open succeeds and drops no data")
+        }
         RepairPlan::Open { changes } => {
             println!("a normal open (tolerate-tail) will make these changes:");
             for c in changes {
@@ -573,7 +579,9 @@ fn repair_cmd(dir: &Path, dry_run: bool, as_json: bool) -> anyhow::Result<ExitCo
         if as_json {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&json!({"dry_run": dry_run, "plan": plan_json(&plan)}))?
+                serde_json::to_string_pretty(
+                    &json!({"dry_run": dry_run, "plan": plan_json(&plan)})
+                )?
             );
         } else {
             print_plan(&plan);
@@ -609,7 +617,9 @@ fn repair_cmd(dir: &Path, dry_run: bool, as_json: bool) -> anyhow::Result<ExitCo
     if as_json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"dry_run": false, "plan": plan_json(&plan), "outcome": done}))?
+            serde_json::to_string_pretty(
+                &json!({"dry_run": false, "plan": plan_json(&plan), "outcome": done})
+            )?
         );
     } else {
         match outcome {

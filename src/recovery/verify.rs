@@ -160,7 +160,10 @@ pub(crate) fn verify_segments(
 pub(crate) fn past_seal(checks: &[SegmentCheck], seal: Option<Seal>) -> Option<(u64, u64, u64)> {
     let seal = seal?;
     let c = checks.iter().find(|c| c.id == seal.segment)?;
-    (c.unreadable.is_none() && c.bad.is_empty() && c.file_len > seal.len && seal.len > SEGMENT_HEADER_LEN)
+    (c.unreadable.is_none()
+        && c.bad.is_empty()
+        && c.file_len > seal.len
+        && seal.len > SEGMENT_HEADER_LEN)
         .then(|| (c.id, seal.len, c.file_len - seal.len))
 }
 

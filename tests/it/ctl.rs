@@ -36,7 +36,14 @@ fn fixture() -> (Image, Image) {
         for g in 1..=3u64 {
             let i = &mut next[g as usize];
             let e: Vec<Vec<u8>> = (0..3)
-                .map(|k| format!("group {g} entry {} round {round} {}", *i + k, "x".repeat(20)).into_bytes())
+                .map(|k| {
+                    format!(
+                        "group {g} entry {} round {round} {}",
+                        *i + k,
+                        "x".repeat(20)
+                    )
+                    .into_bytes()
+                })
                 .collect();
             b.append(g, *i, &e);
             *i += 3;
@@ -125,11 +132,18 @@ fn inputs(clean: &Image, unclean: &Image) -> Vec<(&'static str, Image, bool)> {
     torn.get_mut(&name).unwrap().truncate(data_end - 7);
     assert!(data_end <= len);
     let mut corrupt = clean.clone();
-    let first = clean.keys().find(|n| segment_id(n).is_some()).unwrap().clone();
+    let first = clean
+        .keys()
+        .find(|n| segment_id(n).is_some())
+        .unwrap()
+        .clone();
     corrupt.get_mut(&first).unwrap()[100] ^= 0x10;
     let mut garbage = clean.clone();
     let (last, _) = last_data_segment(clean);
-    garbage.get_mut(&last).unwrap().extend_from_slice(b"not a record");
+    garbage
+        .get_mut(&last)
+        .unwrap()
+        .extend_from_slice(b"not a record");
     let mut leftovers = clean.clone();
     leftovers.insert("CHECKPOINT.tmp".into(), vec![0x55; 64]);
     leftovers.insert(format!("{}.tmp", seg_name(99)), vec![0xAB; 100]);
@@ -237,7 +251,9 @@ fn ctl_check_passes_clean_and_finds_every_single_fault() {
             assert_eq!(code, 1, "{ctx}: {out}");
         }
     }
-    println!("ctl: check flagged all {cases} single faults ({skipped} undetectable by design skipped)");
+    println!(
+        "ctl: check flagged all {cases} single faults ({skipped} undetectable by design skipped)"
+    );
     assert!(cases > 100);
 }
 
@@ -263,7 +279,10 @@ fn ctl_repair_dry_run_changes_nothing_then_repair_opens_and_checks_clean() {
         write_image(&dir, img);
         let before = snapshot(&dir);
         let (code, out, err) = ctl(&dir, &["repair", "--dry-run"]);
-        assert!(snapshot(&dir) == before, "{what}: repair --dry-run changed the directory");
+        assert!(
+            snapshot(&dir) == before,
+            "{what}: repair --dry-run changed the directory"
+        );
         let plan = inspect::plan_repair(&dir, &ScanProgress::new()).unwrap();
         if matches!(plan, RepairPlan::Nothing) {
             // Nothing a normal open would drop: it must open as it is.
@@ -278,7 +297,10 @@ fn ctl_repair_dry_run_changes_nothing_then_repair_opens_and_checks_clean() {
             assert!(reason.contains("checkpoint claims"), "{what}: {plan:?}");
             let (code, out, err) = ctl(&dir, &["repair"]);
             assert_eq!(code, 2, "{what}: {out}{err}");
-            assert!(snapshot(&dir) == before, "{what}: a refused repair changed the directory");
+            assert!(
+                snapshot(&dir) == before,
+                "{what}: a refused repair changed the directory"
+            );
             impossible += 1;
             continue;
         }
@@ -295,11 +317,18 @@ fn ctl_repair_dry_run_changes_nothing_then_repair_opens_and_checks_clean() {
         if let RepairPlan::Rebuild { .. } = plan {
             let backup = backups(tmp.path());
             assert_eq!(backup.len(), 1, "{what}");
-            assert_eq!(read_image(&backup[0]), *img, "{what}: the backup is not the original");
+            assert_eq!(
+                read_image(&backup[0]),
+                *img,
+                "{what}: the backup is not the original"
+            );
             std::fs::remove_dir_all(&backup[0]).unwrap();
         }
     }
-    println!("ctl: {} faults repaired ({rebuilt} rebuilds), {impossible} refused", faults.len() - impossible);
+    println!(
+        "ctl: {} faults repaired ({rebuilt} rebuilds), {impossible} refused",
+        faults.len() - impossible
+    );
     assert!(rebuilt >= 2, "the sample must exercise rebuilds");
 }
 
@@ -326,17 +355,25 @@ fn ctl_torn_tail_repair_keeps_every_acknowledged_entry() {
         .unwrap();
     write_image(&dir, &torn);
     let r = inspect::check(&dir, &ScanProgress::new()).unwrap();
-    assert!(r.problems.iter().all(|p| p.kind == ProblemKind::TornTail), "{:?}", r.problems);
+    assert!(
+        r.problems.iter().all(|p| p.kind == ProblemKind::TornTail),
+        "{:?}",
+        r.problems
+    );
     let plan = inspect::plan_repair(&dir, &ScanProgress::new()).unwrap();
     assert!(matches!(plan, RepairPlan::Open { .. }), "{plan:?}");
     inspect::repair(&dir, &plan, &ScanProgress::new()).unwrap();
     let got = Inspection::open(&dir, RecoveryMode::Strict, &ScanProgress::new()).unwrap();
     assert!(got.recovery.is_ok());
     let strip = |g: Vec<inspect::GroupSummary>| -> Vec<_> {
-        g.into_iter().map(|g| (g.id, g.first, g.last, g.bytes)).collect()
+        g.into_iter()
+            .map(|g| (g.id, g.first, g.last, g.bytes))
+            .collect()
     };
     assert_eq!(strip(got.groups()), strip(want));
-    assert!(inspect::check(&dir, &ScanProgress::new()).unwrap().is_clean());
+    assert!(inspect::check(&dir, &ScanProgress::new())
+        .unwrap()
+        .is_clean());
 }
 
 #[test]
@@ -379,5 +416,7 @@ fn ctl_gc_runs_on_a_closed_directory() {
     assert_eq!(code, 0, "{out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["live_segments"].as_u64().unwrap() > 0);
-    assert!(inspect::check(&dir, &ScanProgress::new()).unwrap().is_clean());
+    assert!(inspect::check(&dir, &ScanProgress::new())
+        .unwrap()
+        .is_clean());
 }

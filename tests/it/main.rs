@@ -22,9 +22,9 @@
 //! - `raft_cluster`: 3 openraft nodes x 4 groups in one process: restart, leader change.
 
 mod corruption;
+mod crash_explorer;
 #[cfg(feature = "ctl")]
 mod ctl;
-mod crash_explorer;
 mod engine;
 mod faults;
 mod golden;
