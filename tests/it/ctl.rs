@@ -420,3 +420,54 @@ fn ctl_gc_runs_on_a_closed_directory() {
         .unwrap()
         .is_clean());
 }
+
+/// `dump` decodes entries written by the openraft adapter's default codec, and prints hex for
+/// bytes that are not one.
+#[cfg(feature = "openraft")]
+#[test]
+fn ctl_dump_decodes_openraft_entries_else_hex() {
+    use multiraft_wal::raft::kv::{KvRequest, KvTypeConfig};
+    use multiraft_wal::raft::{BincodeCodec, Codec};
+    use openraft::type_config::alias::{EntryOf, LogIdOf};
+    use openraft::vote::RaftLeaderIdExt;
+    use openraft::{Entry, EntryPayload, LogId};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("wal");
+    let engine = Engine::open(&dir, options()).unwrap();
+    let log_id: LogIdOf<KvTypeConfig> = LogId::new(
+        <openraft::impls::leader_id_adv::LeaderId<u64, u64>>::new_committed(3, 1),
+        1,
+    );
+    let entry: EntryOf<KvTypeConfig> = Entry {
+        log_id,
+        payload: EntryPayload::Normal(KvRequest::Set {
+            key: "dump-key".into(),
+            value: "dump-value".into(),
+        }),
+    };
+    let mut bytes = Vec::new();
+    <BincodeCodec as Codec<KvTypeConfig>>::encode_entry(&BincodeCodec, &entry, &mut bytes).unwrap();
+    let mut b = WriteBatch::new();
+    b.append(7, 1, [bytes.clone(), vec![0xff, 0x00, 0xab]]);
+    engine.write(b).unwrap();
+    drop(engine);
+    let (code, out, err) = ctl(&dir, &["dump", "--group", "7"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].contains("openraft") && lines[0].contains("dump-key"),
+        "{out}"
+    );
+    assert!(lines[1].ends_with("hex ff00ab"), "{out}");
+    let (_, out, _) = ctl(&dir, &["dump", "--group", "7", "--hex", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["hex"], hex_of(&bytes));
+    assert!(v[0]["decoded"].is_null());
+}
+
+#[cfg(feature = "openraft")]
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
