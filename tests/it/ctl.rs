@@ -471,3 +471,31 @@ fn ctl_dump_decodes_openraft_entries_else_hex() {
 fn hex_of(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// Beside a running engine: the read-only commands run, say so, and leave the engine's lock
+/// alone; repair and gc refuse (the lock is held).
+#[test]
+fn ctl_beside_a_running_engine() {
+    let (clean, _) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("case");
+    write_image(&dir, &clean);
+    let engine = Engine::open(&dir, options()).unwrap();
+    let (code, out, err) = ctl(&dir, &["stat", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["engine_running"], true);
+    for cmd in [&["repair"][..], &["gc"]] {
+        let (code, out, err) = ctl(&dir, cmd);
+        assert_eq!(code, 2, "{cmd:?}: {out}{err}");
+    }
+    // The engine is unaffected.
+    let mut b = WriteBatch::new();
+    b.append(9, 1, [b"after ctl".to_vec()]);
+    engine.write(b).unwrap();
+    drop(engine);
+    let (code, out, _) = ctl(&dir, &["stat", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["engine_running"], false);
+}
