@@ -479,7 +479,8 @@ fn check_cmd(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
         println!("clean: no problem found");
         return Ok(code);
     }
-    println!("{} problems:", r.problems.len());
+    let n = r.problems.len();
+    println!("{n} problem{}:", if n == 1 { "" } else { "s" });
     let rows: Vec<Vec<String>> = r
         .problems
         .iter()
