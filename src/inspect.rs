@@ -41,7 +41,7 @@ use crate::engine::{Engine, LOCK_NAME};
 use crate::error::{Error, Result};
 use crate::fs::{DirLock, FileSystem, FsFile, StdFs};
 use crate::index::{Group, Run};
-use crate::options::{Options, RecoveryMode};
+use crate::options::{Options, RecoveryMode, MIN_SEGMENT_SIZE};
 use crate::recovery::verify::{load_seal, past_seal, verify_segments};
 use crate::recovery::{recover, RecoveryReport, SkippedRange};
 use crate::segment::{parse_segment_name, segment_name};
@@ -748,6 +748,9 @@ impl CheckReport {
 /// the directory cannot be listed.
 pub fn check(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<CheckReport> {
     let dir = dir.as_ref();
+    require_dir(dir)?;
+    // Held over both scans (the view's own lock is released when it is taken).
+    let (_lock, _) = shared_lock(dir);
     let view = Inspection::open(dir, RecoveryMode::TolerateTail, progress)?;
     let mut problems = Vec::new();
     if let CheckpointState::Damaged { reason } = &view.checkpoint {
@@ -1089,6 +1092,9 @@ pub fn repair(
     }
 }
 
+/// The largest segment a rebuild creates (the engine's default target size).
+const DEFAULT_REBUILD_SEGMENT: u64 = 128 << 20;
+
 /// Entries per rebuild batch (bounded in bytes too).
 const REBUILD_BATCH_ENTRIES: u64 = 4096;
 const REBUILD_BATCH_BYTES: usize = 64 << 20;
@@ -1123,7 +1129,11 @@ fn rebuild(dir: &Path, view: &Inspection) -> Result<RepairOutcome> {
         }
     })?;
     let groups = view.groups();
+    // Segments no larger than the old ones (within the engine's bounds): the new directory
+    // preallocates two, and the disk may be nearly full.
+    let largest = view.segments.iter().map(|s| s.bytes).max().unwrap_or(0);
     let opts = Options::default()
+        .segment_size(largest.clamp(MIN_SEGMENT_SIZE, DEFAULT_REBUILD_SEGMENT))
         .prefill_segments(false)
         .auto_gc(false)
         .recovery_mode(RecoveryMode::Strict);
@@ -1342,5 +1352,57 @@ impl FileSystem for ReadOnlyFs {
 
     fn lock(&self, _path: &Path) -> io::Result<Box<dyn DirLock>> {
         Err(refused())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_only_fs_refuses_writes_and_records_what_recovery_asks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("0000000000000001.wal");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let progress = ScanProgress::new();
+        let fs = ReadOnlyFs::new(progress.clone());
+        assert!(fs.create(&tmp.path().join("new")).is_err());
+        assert!(fs.create_dir_all(&tmp.path().join("sub")).is_err());
+        assert!(fs.rename(&path, &tmp.path().join("x")).is_err());
+        assert!(fs.lock(&tmp.path().join("LOCK")).is_err());
+        let f = fs.open(&path).unwrap();
+        assert!(f.write_all_at(b"x", 0).is_err());
+        assert!(f.allocate(1 << 20).is_err());
+        let mut buf = [0u8; 4];
+        f.read_exact_at(&mut buf, 2).unwrap();
+        assert_eq!(&buf, b"2345");
+        assert_eq!(progress.bytes_read(), 4);
+        f.set_len(3).unwrap();
+        f.sync_data().unwrap();
+        fs.remove(&path).unwrap();
+        fs.sync_dir(tmp.path()).unwrap();
+        // Recorded, not done.
+        assert_eq!(std::fs::read(&path).unwrap(), b"0123456789");
+        let names: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["0000000000000001.wal".to_owned()]);
+        let log = fs.take_log();
+        assert!(
+            matches!(
+                &log[..],
+                [
+                    Recorded::SetLen {
+                        from: 10,
+                        to: 3,
+                        ..
+                    },
+                    Recorded::Sync(_),
+                    Recorded::Remove(_),
+                ]
+            ),
+            "{log:?}"
+        );
     }
 }
