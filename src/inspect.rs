@@ -1137,9 +1137,47 @@ fn rebuild(dir: &Path, view: &Inspection) -> Result<RepairOutcome> {
         .prefill_segments(false)
         .auto_gc(false)
         .recovery_mode(RecoveryMode::Strict);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let backup = parent.join(format!("{name}.damaged-{secs}"));
+    if backup.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "{backup:?} exists: run repair again in a second"
+        )));
+    }
+    if let Err(e) = write_rebuild(&fresh, dir, view, &groups, &opts) {
+        // Only what this call created goes; the original was not touched.
+        let _ = std::fs::remove_dir_all(&fresh);
+        return Err(e);
+    }
+    std::fs::rename(dir, &backup)
+        .map_err(|e| Error::io(format!("renaming {dir:?} to {backup:?}"), e))?;
+    drop(lock);
+    std::fs::rename(&fresh, dir)
+        .map_err(|e| Error::io(format!("renaming {fresh:?} to {dir:?}"), e))?;
+    StdFs
+        .sync_dir(parent)
+        .map_err(|e| Error::io(format!("syncing {parent:?}"), e))?;
+    Ok(RepairOutcome::Rebuilt {
+        backup,
+        groups: groups.len(),
+        entries: groups.iter().map(|g| g.entries).sum(),
+    })
+}
+
+/// Writes the state `view` serves (its `groups`) into the new directory `fresh`, then checks
+/// that it opens in strict mode and serves the same groups, metadata and entry ranges.
+fn write_rebuild(
+    fresh: &Path,
+    dir: &Path,
+    view: &Inspection,
+    groups: &[GroupSummary],
+    opts: &Options,
+) -> Result<()> {
     {
-        let engine = Engine::open(&fresh, opts.clone())?;
-        for g in &groups {
+        let engine = Engine::open(fresh, opts.clone())?;
+        for g in groups {
             let meta = view.group_meta(g.id).unwrap_or_default();
             let mut batch = WriteBatch::new();
             if let Some(v) = &meta.vote {
@@ -1184,7 +1222,7 @@ fn rebuild(dir: &Path, view: &Inspection) -> Result<RepairOutcome> {
         engine.sync()?;
     }
     // The new directory must open normally and serve the same state.
-    let check = Inspection::open(&fresh, RecoveryMode::Strict, &ScanProgress::new())?;
+    let check = Inspection::open(fresh, RecoveryMode::Strict, &ScanProgress::new())?;
     if let Err(e) = &check.recovery {
         return Err(Error::InvalidArgument(format!(
             "the rebuilt directory {fresh:?} does not open: {e}"
@@ -1202,28 +1240,12 @@ fn rebuild(dir: &Path, view: &Inspection) -> Result<RepairOutcome> {
                 } && check.group_meta(x.id) == view.group_meta(y.id)
             })
     };
-    if !same(&check.groups(), &groups) {
+    if !same(&check.groups(), groups) {
         return Err(Error::InvalidArgument(format!(
             "the rebuilt directory {fresh:?} does not hold the recovered state; {dir:?} is unchanged"
         )));
     }
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let backup = parent.join(format!("{name}.damaged-{secs}"));
-    std::fs::rename(dir, &backup)
-        .map_err(|e| Error::io(format!("renaming {dir:?} to {backup:?}"), e))?;
-    drop(lock);
-    std::fs::rename(&fresh, dir)
-        .map_err(|e| Error::io(format!("renaming {fresh:?} to {dir:?}"), e))?;
-    StdFs
-        .sync_dir(parent)
-        .map_err(|e| Error::io(format!("syncing {parent:?}"), e))?;
-    Ok(RepairOutcome::Rebuilt {
-        backup,
-        groups: groups.len(),
-        entries: groups.iter().map(|g| g.entries).sum(),
-    })
+    Ok(())
 }
 
 /// A change recovery asked for, recorded instead of done.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use multiraft_wal::inspect::{
     check, plan_repair, repair, CheckReport, CheckpointState, GroupSummary, Inspection,
     OpenFindings, PlannedChange, RepairOutcome, RepairPlan, ScanProgress, SealState,
@@ -36,8 +36,29 @@ struct Cli {
     /// Machine-readable output (JSON on stdout).
     #[arg(long, global = true)]
     json: bool,
+    /// The recovery mode whose view `stat`, `groups` and `dump` show (what an open in that
+    /// mode would serve, cut and skip). `check` and `repair` always judge by the default.
+    #[arg(long, global = true, value_enum, default_value = "tolerate-tail")]
+    mode: Mode,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    TolerateTail,
+    Strict,
+    TolerateAny,
+}
+
+impl From<Mode> for RecoveryMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::TolerateTail => RecoveryMode::TolerateTail,
+            Mode::Strict => RecoveryMode::Strict,
+            Mode::TolerateAny => RecoveryMode::TolerateAny,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -162,6 +183,14 @@ fn table(head: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::TolerateTail => "tolerate-tail",
+        Mode::Strict => "strict",
+        Mode::TolerateAny => "tolerate-any",
+    }
+}
+
 fn change_json(c: &PlannedChange) -> Value {
     let kind = match c {
         PlannedChange::CutTornTail { .. } => "cut-torn-tail",
@@ -255,9 +284,9 @@ fn describe_seal(s: &SealState) -> String {
     }
 }
 
-fn stat(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
+fn stat(dir: &Path, mode: Mode, as_json: bool) -> anyhow::Result<ExitCode> {
     let p = Progress::start("scanning");
-    let v = Inspection::open(dir, RecoveryMode::TolerateTail, &p.counter)?;
+    let v = Inspection::open(dir, mode.into(), &p.counter)?;
     drop(p);
     let groups = v.groups();
     if as_json {
@@ -269,6 +298,7 @@ fn stat(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
             "other_files": v.other_files,
             "checkpoint": checkpoint_json(&v.checkpoint),
             "seal": seal_json(&v.seal),
+            "mode": mode_name(mode),
             "groups": groups.len(),
             "entries": groups.iter().map(|g| g.entries).sum::<u64>(),
             "open": match &v.recovery {
@@ -309,9 +339,15 @@ fn stat(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
         Ok(f) => {
             let r = &f.report;
             println!(
-                "a normal open would recover {} records, {} entries from {} segments ({} bytes); clean seal: {}",
-                r.records, r.entries, r.segments, r.bytes, r.clean_seal
+                "an open ({}) would recover {} records, {} entries from {} segments ({} bytes); clean seal: {}",
+                mode_name(mode), r.records, r.entries, r.segments, r.bytes, r.clean_seal
             );
+            for sk in &r.skipped {
+                println!(
+                    "  and skip segment {} bytes {}..{}: {}",
+                    sk.segment, sk.start, sk.end, sk.reason
+                );
+            }
             if let Some(reason) = &r.seal_ignored {
                 println!("  seal file ignored: {reason}");
             }
@@ -324,17 +360,20 @@ fn stat(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Err(e) => println!("a normal open would FAIL: {e}\n  (run `mrwal-ctl check` for every problem, `repair --dry-run` for a fix)"),
+        Err(e) => println!("an open ({}) would FAIL: {e}\n  (run `mrwal-ctl check` for every problem, `repair --dry-run` for a fix)", mode_name(mode)),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn groups_cmd(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
+fn groups_cmd(dir: &Path, mode: Mode, as_json: bool) -> anyhow::Result<ExitCode> {
     let p = Progress::start("scanning");
-    let v = Inspection::open(dir, RecoveryMode::TolerateTail, &p.counter)?;
+    let v = Inspection::open(dir, mode.into(), &p.counter)?;
     drop(p);
     if let Err(e) = &v.recovery {
-        bail!("a normal open fails, so groups cannot be listed: {e} (see `check`)");
+        bail!(
+            "an open ({}) fails, so groups cannot be listed: {e} (see `check`; `--mode tolerate-any` shows what survives)",
+            mode_name(mode)
+        );
     }
     let groups = v.groups();
     if as_json {
@@ -393,6 +432,7 @@ fn decode_entry(_bytes: &[u8]) -> Option<String> {
 
 fn dump(
     dir: &Path,
+    mode: Mode,
     group: u64,
     from: Option<u64>,
     count: u64,
@@ -400,7 +440,7 @@ fn dump(
     as_json: bool,
 ) -> anyhow::Result<ExitCode> {
     let p = Progress::start("scanning");
-    let v = Inspection::open(dir, RecoveryMode::TolerateTail, &p.counter)?;
+    let v = Inspection::open(dir, mode.into(), &p.counter)?;
     drop(p);
     let entries = v.entries(group, from, count)?;
     let decoded: Vec<(u64, &Vec<u8>, Option<String>)> = entries
@@ -684,14 +724,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         bail!("{}: not a directory", dir.display());
     }
     match cli.cmd {
-        Cmd::Stat => stat(dir, cli.json),
-        Cmd::Groups => groups_cmd(dir, cli.json),
+        Cmd::Stat => stat(dir, cli.mode, cli.json),
+        Cmd::Groups => groups_cmd(dir, cli.mode, cli.json),
         Cmd::Dump {
             group,
             from,
             count,
             hex,
-        } => dump(dir, group, from, count, hex, cli.json),
+        } => dump(dir, cli.mode, group, from, count, hex, cli.json),
         Cmd::Check => check_cmd(dir, cli.json),
         Cmd::Repair { dry_run } => repair_cmd(dir, dry_run, cli.json),
         Cmd::Gc => gc_cmd(dir, cli.json),
