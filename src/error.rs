@@ -170,6 +170,22 @@ pub enum Error {
         /// The group.
         group: u64,
     },
+    /// A data directory cannot be recovered in the mode asked for (read-only inspection).
+    #[error("the directory cannot be recovered {reason}")]
+    Unrecoverable {
+        /// The mode and why.
+        reason: String,
+    },
+    /// The data directory changed between a repair's plan and its execution; nothing was
+    /// repaired.
+    #[error("the directory changed since the repair plan was made; run repair again")]
+    StaleRepairPlan,
+    /// A repair cannot proceed (the reason says what to do); the original directory is unchanged.
+    #[error("repair refused: {reason}")]
+    Repair {
+        /// Why.
+        reason: String,
+    },
     /// Segment ids are 32-bit on disk and all of them were used.
     #[error("segment ids exhausted")]
     SegmentIdsExhausted,
@@ -265,6 +281,13 @@ impl Error {
             },
             Error::NotADirectory { path } => Error::NotADirectory { path: path.clone() },
             Error::GroupChanged { group } => Error::GroupChanged { group: *group },
+            Error::Unrecoverable { reason } => Error::Unrecoverable {
+                reason: reason.clone(),
+            },
+            Error::StaleRepairPlan => Error::StaleRepairPlan,
+            Error::Repair { reason } => Error::Repair {
+                reason: reason.clone(),
+            },
             Error::SegmentIdsExhausted => Error::SegmentIdsExhausted,
             Error::Closed => Error::Closed,
         }

@@ -17,6 +17,7 @@ mod error;
 pub mod fs;
 mod gc;
 mod index;
+pub mod inspect;
 mod options;
 mod pipeline;
 #[cfg(feature = "openraft")]

@@ -23,6 +23,7 @@
 pub(crate) mod replay;
 pub(crate) mod scan;
 pub(crate) mod seal;
+pub(crate) mod verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;

@@ -3,6 +3,8 @@
 //! - `simfs`: the simulated file system (durable vs live images, crashes, faults).
 //! - `crash_explorer`: crash at every I/O point of a scripted workload on the simulated FS.
 //! - `corruption`: truncation, bit flips, deleted, stray and stale files on real segment files.
+//! - `ctl`: `mrwal-ctl` and `inspect`: read-only subcommands change nothing, `check` finds every
+//!   single fault, `repair` (and its dry run), a mistyped path creates nothing.
 //! - `golden`: the checked-in version-1 data directory opens with identical content.
 //! - `faults`: EIO and ENOSPC injected at every call site.
 //! - `pipeline`: write groups on a gated file system: no acknowledgement before its fsync.
@@ -22,6 +24,8 @@
 
 mod corruption;
 mod crash_explorer;
+#[cfg(feature = "ctl")]
+mod ctl;
 mod engine;
 mod faults;
 mod golden;
