@@ -25,7 +25,7 @@ use crate::fs::{DirLock, FileSystem, FsFile};
 use crate::gc::GcState;
 use crate::index::{EntryLoc, Groups, Run, SegmentRefs};
 use crate::options::Options;
-use crate::pipeline::{pack_flushed, Durability, LogWriter, Queue, Tail};
+use crate::pipeline::{first_reservation, pack_flushed, Durability, LogWriter, Queue, Tail};
 use crate::recovery::{recover, seal_clean_shutdown, RecoveryReport, SyncPoint};
 use crate::segment::{create_segment, segment_name, SEGMENT_HEADER_LEN};
 
@@ -270,11 +270,30 @@ impl Engine {
             Some((id, file)) => (id, file, false),
             None => {
                 // Not prefilled here: opening stays fast; the segments after it are prefilled.
+                // Only the first reservation is taken, and on a full disk not even that: the
+                // header alone lets the engine open (reads, purges and GC need no more).
                 let id = rec.next_segment;
                 if id > u64::from(u32::MAX) {
                     return Err(Error::InvalidArgument("segment ids exhausted".into()));
                 }
-                let file = create_segment(fs.as_ref(), &dir, id, options.segment_size)?;
+                let size = first_reservation(options.segment_size);
+                let file = match create_segment(fs.as_ref(), &dir, id, size) {
+                    Err(Error::NoSpace { context }) => {
+                        tracing::warn!(%context, "full disk at open: a segment without reserve");
+                        create_segment(fs.as_ref(), &dir, id, SEGMENT_HEADER_LEN).map_err(
+                            |e| match e {
+                                Error::NoSpace { context } => Error::NoSpace {
+                                    context: format!(
+                                        "{context}; opening wants {SEGMENT_HEADER_LEN} bytes \
+                                         (a segment header) and {size} bytes to take writes"
+                                    ),
+                                },
+                                e => e,
+                            },
+                        )?
+                    }
+                    other => other?,
+                };
                 (id, file, false)
             }
         };
@@ -291,6 +310,9 @@ impl Engine {
             })?;
         }
         files.insert(segment, file.clone());
+        let reserved = file
+            .len()
+            .map_err(|e| Error::io(format!("reading the size of segment {segment}"), e))?;
         let inner = Arc::new(Inner {
             dir,
             fs,
@@ -307,6 +329,7 @@ impl Engine {
                 next: None,
                 prefilled,
                 syncs_in_segment: 0,
+                reserved,
             }),
             tail: RwLock::new(Tail {
                 segment,
@@ -324,12 +347,11 @@ impl Engine {
             opts: options,
         });
         inner.refs.rebuild(&inner.groups);
-        {
+        // The next segment is prepared only once the active one is half full (see `pipeline`),
+        // unless an empty one was left by the previous run.
+        if let Some((id, file)) = ready_next.filter(|(id, _)| *id == segment + 1) {
             let mut log = inner.log.lock();
-            log.next = Some(match ready_next {
-                Some((id, file)) if id == segment + 1 => inner.prepared(id, file),
-                _ => inner.prepare(segment + 1, false),
-            });
+            log.next = Some(inner.prepared(id, file));
         }
         let flusher_inner = inner.clone();
         let flusher = std::thread::Builder::new()
