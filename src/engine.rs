@@ -25,7 +25,7 @@ use crate::fs::{DirLock, FileSystem, FsFile};
 use crate::gc::GcState;
 use crate::index::{EntryLoc, Groups, Run, SegmentRefs};
 use crate::options::Options;
-use crate::pipeline::{first_reservation, pack_flushed, Durability, LogWriter, Queue, Tail};
+use crate::pipeline::{first_reservation, freeing_reserve, pack_flushed, Durability, LogWriter, Queue, Tail};
 use crate::recovery::{recover, seal_clean_shutdown, RecoveryReport, SyncPoint};
 use crate::segment::{create_segment, segment_name, SEGMENT_HEADER_LEN};
 
@@ -82,10 +82,27 @@ impl Drop for Handle {
         if let Err(e) = seal_clean_shutdown(fs, dir, log.segment, log.file.as_ref(), log.offset) {
             tracing::warn!(error = %e, "sealing the active segment at shutdown");
         }
-        let seal = |file: &dyn FsFile, len: u64| file.set_len(len).and_then(|()| file.sync_data());
+        // The next open takes writes in an empty segment left here with the freeing reserve
+        // (see `pipeline`; the seal just gave back the active segment's reserve), so that a
+        // disk that fills up meanwhile neither keeps the engine from opening nor from writing
+        // the purges that free space.
+        let keep = SEGMENT_HEADER_LEN + freeing_reserve(self.inner.opts.segment_size);
+        let trim = |file: &dyn FsFile| {
+            if file.len()? > keep {
+                file.set_len(keep)?;
+            }
+            file.sync_data()
+        };
         if let Some(file) = prepared {
-            if let Err(e) = seal(file.as_ref(), SEGMENT_HEADER_LEN) {
+            if let Err(e) = trim(file.as_ref()) {
                 tracing::warn!(error = %e, "trimming the prepared segment at shutdown");
+            }
+        } else if log.offset > SEGMENT_HEADER_LEN && log.segment < u64::from(u32::MAX) {
+            let next = log.segment + 1;
+            let made = create_segment(fs, dir, next, keep)
+                .or_else(|_| create_segment(fs, dir, next, SEGMENT_HEADER_LEN));
+            if let Err(e) = made {
+                tracing::warn!(error = %e, "leaving an empty segment at shutdown");
             }
         }
     }

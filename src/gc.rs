@@ -65,8 +65,9 @@ pub struct GcReport {
     /// would free the most first (then the oldest segment first). Purging (compacting) these
     /// groups lets GC go further.
     pub holders: Vec<GcHolder>,
-    /// Why dead segments were left for a later GC, if they were (a full disk while storing the
-    /// checkpoint; any other failure poisons the engine and is returned as the error).
+    /// What a full disk made this call leave for a later one, if anything: rewrites (the
+    /// deletions still ran), or the deletions themselves (the checkpoint could not be stored).
+    /// Any other failure poisons the engine and is returned as the error.
     pub postponed: Option<String>,
 }
 
@@ -476,9 +477,9 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// [`Error::Poisoned`] once the engine is poisoned; I/O errors of a rewrite (a full disk
-    /// refuses a rewrite with [`Error::NoSpace`]); a full disk while storing the checkpoint
-    /// postpones the deletions ([`GcReport::postponed`] says so; it is not an error).
+    /// [`Error::Poisoned`] once the engine is poisoned; I/O errors of a rewrite. A full disk is
+    /// not an error: it postpones rewrites, or the deletions if even the checkpoint cannot be
+    /// stored after the space reserved ahead was given back ([`GcReport::postponed`] says so).
     pub fn gc(&self) -> Result<GcReport> {
         let inner = self.inner();
         let _serial = inner.gc_serial.lock();
@@ -493,9 +494,18 @@ impl Engine {
                 continue;
             };
             let bytes = held.bytes;
-            if self.rewrite_group(group, held.version)? {
-                report.rewritten_groups.push(group);
-                report.rewritten_bytes += bytes;
+            match self.rewrite_group(group, held.version) {
+                Ok(true) => {
+                    report.rewritten_groups.push(group);
+                    report.rewritten_bytes += bytes;
+                }
+                Ok(false) => {}
+                // A full disk: no more rewrites now; the deletions below still give space back.
+                Err(e @ Error::NoSpace { .. }) => {
+                    report.postponed = Some(format!("rewrites: {e}"));
+                    break;
+                }
+                Err(e) => return Err(e),
             }
         }
         if !report.rewritten_groups.is_empty() {
@@ -521,7 +531,7 @@ impl Engine {
                     let outcome = inner.wait_gc_job(n);
                     report.deleted_segments = outcome.deleted;
                     report.freed_bytes = outcome.freed;
-                    report.postponed = outcome.postponed;
+                    report.postponed = outcome.postponed.or(report.postponed);
                 }
                 None => inner.wait_gc_idle(),
             }

@@ -643,17 +643,17 @@ pub fn check_recovery(
 }
 
 #[derive(Debug, Default)]
-struct Tally {
-    crash_points: u64,
-    recoveries: u64,
-    second_crashes: u64,
-    writes_after_recovery: u64,
+pub struct Tally {
+    pub crash_points: u64,
+    pub recoveries: u64,
+    pub second_crashes: u64,
+    pub writes_after_recovery: u64,
     /// Process kills followed by a recovery, a write and a power cut.
-    kills: u64,
+    pub kills: u64,
     /// Batches served after a kill that were not acknowledged before it (they must survive the
     /// power cut too).
-    served_unacked: u64,
-    failures: Vec<String>,
+    pub served_unacked: u64,
+    pub failures: Vec<String>,
 }
 
 /// The "process kill, then power cut" variant: the process dies at an I/O point (the live
@@ -723,6 +723,18 @@ fn write_after_recovery(
 fn explore_seed(seed: u64, only_point: Option<u64>, tally: &mut Tally) {
     let prefill = seed % 2 == 1;
     let script = generate(seed, 70, &[1, 2, 3, 77, 1 << 40, 9], 160);
+    explore_script(seed, &script, prefill, only_point, tally);
+}
+
+/// Runs `script` cleanly, then with a power cut at every I/O point (or `only_point`), checking
+/// every recovery (see the module's doc); failures go to `tally`.
+pub fn explore_script(
+    seed: u64,
+    script: &Script,
+    prefill: bool,
+    only_point: Option<u64>,
+    tally: &mut Tally,
+) {
     let n_batches = script.states.len() - 1;
 
     // A clean run: counts the I/O points and checks the model against the live engine.

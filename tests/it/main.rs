@@ -5,6 +5,9 @@
 //! - `corruption`: truncation, bit flips, deleted, stray and stale files on real segment files.
 //! - `golden`: the checked-in version-1 data directory opens with identical content.
 //! - `faults`: EIO and ENOSPC injected at every call site.
+//! - `gc`: GC converges (a second gc() makes no mutating call), churn disk usage stays bounded,
+//!   the full-disk sequence (simulated FS, real tmpfs when mountable), power cuts during rewrites
+//!   and mid-segment checkpoints.
 //! - `pipeline`: write groups on a gated file system: no acknowledgement before its fsync.
 //! - `kill`: SIGKILL a child writer at random points, then check every acknowledged batch.
 //! - `prop_recovery`: seeded proptest of the fuzz inputs: hostile images never panic or lie.
@@ -23,6 +26,7 @@ mod corruption;
 mod crash_explorer;
 mod engine;
 mod faults;
+mod gc;
 mod golden;
 mod kill;
 mod pipeline;
