@@ -31,7 +31,7 @@ pub use batch::WriteBatch;
 pub use durable::DurableWrite;
 pub use engine::{Engine, Stats};
 pub use error::{Error, Result};
-pub use gc::GcReport;
+pub use gc::{GcHolder, GcReport};
 pub use options::{Options, RecoveryMode};
 pub use recovery::{RecoveryReport, SkippedRange};
 

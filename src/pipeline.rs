@@ -25,7 +25,9 @@
 //! - Disk space is reserved as the workload needs it: a segment starts with a small reservation
 //!   (1 MiB, or the segment size if smaller) that grows in steps (its current size, 1 to 16 MiB)
 //!   as records reach it, and the next segment is prepared only once the active one is half
-//!   full. An idle engine holds about 1 MiB, not two whole segments.
+//!   full (or, zero-filled, at the rotation when the segment sealed served synced writes: a
+//!   synced workload holds two segments). An idle engine holds about 1 MiB, not two whole
+//!   segments.
 //! - On a full disk a batch that only frees space (purge, truncate, remove group) can still be
 //!   written: every segment keeps a *freeing reserve* (a quarter of the segment size, 4 KiB to
 //!   1 MiB) beyond what other batches may use, and such a batch may also go past the segment
@@ -829,11 +831,19 @@ impl Inner {
         }
         self.flushed
             .store(pack_flushed(next_id, SEGMENT_HEADER_LEN), Ordering::Release);
-        // The segment after it is prepared once this one is half full (see `write_group`),
-        // zero-filled only if this one serves durable writes by then: a bulk, unsynced load
-        // gains nothing from it and would write every byte twice.
+        // The segment after it: if the sealed one served durable writes, it is zero-filled now,
+        // a whole segment ahead (a zero-fill started later is often cancelled by the rotation,
+        // and a segment zero-filled whole but then left early by the upgrade rotation doubles
+        // the bytes written); otherwise it is prepared once this one is half full (see
+        // `write_group`), zero-filled only if this one serves durable writes by then. A bulk,
+        // unsynced load gains nothing from zero-filling and would write every byte twice.
+        let synced_workload =
+            self.opts.prefill_segments && log.syncs_in_segment >= PREFILL_AFTER_SYNCS;
         log.prefilled = prefilled;
         log.syncs_in_segment = 0;
+        if synced_workload {
+            log.next = Some(self.prepare(next_id + 1, true));
+        }
         Ok(if self.opts.auto_gc {
             self.arm_gc(log)
         } else {
