@@ -492,7 +492,9 @@ fn dir_usage(dir: &Path) -> (u64, u64) {
         return (0, 0);
     };
     rd.filter_map(|e| e.ok()?.metadata().ok())
-        .fold((0, 0), |(len, alloc), m| (len + m.len(), alloc + m.blocks() * 512))
+        .fold((0, 0), |(len, alloc), m| {
+            (len + m.len(), alloc + m.blocks() * 512)
+        })
 }
 
 /// W11: `args.groups` groups append 8 × 256 B per write (2 threads, each owning half of the

@@ -227,9 +227,8 @@ impl Checkpoint {
             let file = fs
                 .create(&tmp)
                 .map_err(|e| Error::io("creating checkpoint", e))?;
-            file.write_all_at(&bytes, 0).map_err(|e| {
-                Error::io(format!("writing checkpoint ({} bytes)", bytes.len()), e)
-            })?;
+            file.write_all_at(&bytes, 0)
+                .map_err(|e| Error::io(format!("writing checkpoint ({} bytes)", bytes.len()), e))?;
             file.sync_data()
                 .map_err(|e| Error::io("syncing checkpoint", e))?;
             drop(file);

@@ -25,7 +25,9 @@ use crate::fs::{DirLock, FileSystem, FsFile};
 use crate::gc::GcState;
 use crate::index::{EntryLoc, Groups, Run, SegmentRefs};
 use crate::options::Options;
-use crate::pipeline::{first_reservation, freeing_reserve, pack_flushed, Durability, LogWriter, Queue, Tail};
+use crate::pipeline::{
+    first_reservation, freeing_reserve, pack_flushed, Durability, LogWriter, Queue, Tail,
+};
 use crate::recovery::{recover, seal_clean_shutdown, RecoveryReport, SyncPoint};
 use crate::segment::{create_segment, segment_name, SEGMENT_HEADER_LEN};
 
@@ -297,8 +299,8 @@ impl Engine {
                 let file = match create_segment(fs.as_ref(), &dir, id, size) {
                     Err(Error::NoSpace { context }) => {
                         tracing::warn!(%context, "full disk at open: a segment without reserve");
-                        create_segment(fs.as_ref(), &dir, id, SEGMENT_HEADER_LEN).map_err(
-                            |e| match e {
+                        create_segment(fs.as_ref(), &dir, id, SEGMENT_HEADER_LEN).map_err(|e| {
+                            match e {
                                 Error::NoSpace { context } => Error::NoSpace {
                                     context: format!(
                                         "{context}; opening wants {SEGMENT_HEADER_LEN} bytes \
@@ -306,8 +308,8 @@ impl Engine {
                                     ),
                                 },
                                 e => e,
-                            },
-                        )?
+                            }
+                        })?
                     }
                     other => other?,
                 };

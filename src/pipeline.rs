@@ -483,8 +483,7 @@ impl Inner {
         // The next segment is prepared once this one is half full (zero-filled if this one
         // serves durable writes).
         if log.next.is_none() && log.offset >= self.opts.segment_size / 2 {
-            let prefill =
-                self.opts.prefill_segments && log.syncs_in_segment >= PREFILL_AFTER_SYNCS;
+            let prefill = self.opts.prefill_segments && log.syncs_in_segment >= PREFILL_AFTER_SYNCS;
             log.next = Some(self.prepare(log.segment + 1, prefill));
         }
         // Writes that want durability go to the file now (so a full disk refuses them, before

@@ -92,8 +92,9 @@ pub fn create_segment(
         file.write_all_at(&encode_header(id), 0)
             .map_err(|e| Error::io(ctx("writing header of"), e))?;
         if size > SEGMENT_HEADER_LEN {
-            file.allocate(size)
-                .map_err(|e| Error::io(format!("preallocating {size} bytes for segment {id}"), e))?;
+            file.allocate(size).map_err(|e| {
+                Error::io(format!("preallocating {size} bytes for segment {id}"), e)
+            })?;
         }
         file.sync_data()
             .map_err(|e| Error::io(ctx("syncing new"), e))?;

@@ -739,7 +739,7 @@ pub fn explore_script(
 
     // A clean run: counts the I/O points and checks the model against the live engine.
     let fs = SimFs::new();
-    let clean = run_script(&fs, &script, prefill, true);
+    let clean = run_script(&fs, script, prefill, true);
     for p in &clean.problems {
         tally
             .failures
@@ -747,7 +747,7 @@ pub fn explore_script(
     }
     let points = fs.io_points();
     let img = fs.crash_image(CrashVariant::DropAll, 0);
-    if let Err(e) = check_recovery(&img, &script, prefill, clean.durable, n_batches) {
+    if let Err(e) = check_recovery(&img, script, prefill, clean.durable, n_batches) {
         tally
             .failures
             .push(format!("seed {seed:#x}, clean shutdown then reopen: {e}"));
@@ -771,7 +771,7 @@ pub fn explore_script(
     for k in range {
         let fs = SimFs::new();
         fs.crash_at(k);
-        let run = run_script(&fs, &script, prefill, false);
+        let run = run_script(&fs, script, prefill, false);
         tally.crash_points += 1;
         for p in &run.problems {
             tally
@@ -787,7 +787,7 @@ pub fn explore_script(
         };
         tally.kills += 1;
         tally.recoveries += 2;
-        match kill_then_power_cut(&fs, &script, prefill, &run, variant, seed ^ k) {
+        match kill_then_power_cut(&fs, script, prefill, &run, variant, seed ^ k) {
             Ok(extra) => tally.served_unacked += extra as u64,
             Err(e) => tally.failures.push(format!(
                 "seed {seed:#x}, kill at point {k} then power cut (MRWAL_CRASH_SEED={seed} \
@@ -805,7 +805,7 @@ pub fn explore_script(
             );
             tally.recoveries += 1;
             let (engine, _) =
-                match check_recovery(&img, &script, prefill, run.durable, run.attempted) {
+                match check_recovery(&img, script, prefill, run.durable, run.attempted) {
                     Ok(x) => x,
                     Err(e) => {
                         tally.failures.push(format!("{repro}: {e}"));
@@ -814,7 +814,7 @@ pub fn explore_script(
                 };
             if k % 3 == 0 {
                 tally.writes_after_recovery += 1;
-                if let Err(e) = write_after_recovery(engine, &img, &script, prefill) {
+                if let Err(e) = write_after_recovery(engine, &img, script, prefill) {
                     tally.failures.push(format!("{repro}: {e}"));
                 }
             } else {
@@ -845,7 +845,7 @@ pub fn explore_script(
                 let img2 = second.crash_image(v2, img_seed ^ r);
                 tally.second_crashes += 1;
                 tally.recoveries += 1;
-                if let Err(e) = check_recovery(&img2, &script, prefill, run.durable, run.attempted)
+                if let Err(e) = check_recovery(&img2, script, prefill, run.durable, run.attempted)
                 {
                     tally.failures.push(format!(
                         "{repro}, second crash at recovery point {r} of {recovery_points} ({v2:?}): {e}"
