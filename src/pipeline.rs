@@ -25,8 +25,8 @@
 //! - Disk space is reserved as the workload needs it: a segment starts with a small reservation
 //!   (1 MiB, or the segment size if smaller) that grows in steps (its current size, 1 to 16 MiB)
 //!   as records reach it, and the next segment is prepared only once the active one is half
-//!   full (or, zero-filled, at the rotation when the segment sealed served synced writes: a
-//!   synced workload holds two segments). An idle engine holds about 1 MiB, not two whole
+//!   full, or, zero-filled, as soon as the active segment has seen 16 fsyncs (a synced
+//!   workload holds two segments, as before). An idle engine holds 2 MiB (with the freeing reserve), not two whole
 //!   segments.
 //! - On a full disk a batch that only frees space (purge, truncate, remove group) can still be
 //!   written: every segment keeps a *freeing reserve* (a quarter of the segment size, 4 KiB to
@@ -747,6 +747,9 @@ impl Inner {
             return;
         }
         let Some(pending) = log.next.take() else {
+            // Nothing prepared yet (the segment is not half full): a synced workload wants the
+            // next segment now, zero-filled, and moves to it once it is ready.
+            log.next = Some(self.prepare(log.segment + 1, true));
             return;
         };
         let id = pending.id;
