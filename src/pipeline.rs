@@ -26,8 +26,8 @@
 //!   (1 MiB, or the segment size if smaller) that grows in steps (its current size, 1 to 16 MiB)
 //!   as records reach it, and the next segment is prepared only once the active one is half
 //!   full, or, zero-filled, as soon as the active segment has seen 16 fsyncs (a synced
-//!   workload holds two segments, as before). An idle engine holds 2 MiB (with the freeing reserve), not two whole
-//!   segments.
+//!   workload holds two segments, as before). An idle engine holds 2 MiB (with the freeing
+//!   reserve), not two whole segments.
 //! - On a full disk a batch that only frees space (purge, truncate, remove group) can still be
 //!   written: every segment keeps a *freeing reserve* (a quarter of the segment size, 4 KiB to
 //!   1 MiB) beyond what other batches may use, and such a batch may also go past the segment
