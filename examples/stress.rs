@@ -1,4 +1,5 @@
-//! The benchmark workloads of issue 2 (W1–W6), printed as a markdown table.
+//! The benchmark workloads of issue 2 (W1–W6), later ones (W1S, W8, W2', W11), printed as a
+//! markdown table.
 //!
 //! ```text
 //! cargo run --release --example stress                      # everything, W3 with 1 GiB

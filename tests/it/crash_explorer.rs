@@ -845,8 +845,7 @@ pub fn explore_script(
                 let img2 = second.crash_image(v2, img_seed ^ r);
                 tally.second_crashes += 1;
                 tally.recoveries += 1;
-                if let Err(e) = check_recovery(&img2, script, prefill, run.durable, run.attempted)
-                {
+                if let Err(e) = check_recovery(&img2, script, prefill, run.durable, run.attempted) {
                     tally.failures.push(format!(
                         "{repro}, second crash at recovery point {r} of {recovery_points} ({v2:?}): {e}"
                     ));
