@@ -541,6 +541,67 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_inside_a_segment_covers_the_records_before_its_offset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r1 = append_record(1, 1, 1, 2);
+        let r2 = append_record(1, 1, 3, 2);
+        write_segment(tmp.path(), 1, &[r1.clone(), r2.clone()]);
+        let after_r1 = SEGMENT_HEADER_LEN + r1.len() as u64;
+        // Covers r1 only: group 1 held 1..=2 there (the checkpoint says so, with a vote r1 never
+        // wrote); r2 is replayed on top.
+        let c = Checkpoint {
+            covers_below: 1,
+            covers_offset: after_r1,
+            survivors: vec![],
+            groups: vec![(
+                1,
+                GroupMeta {
+                    range: Range { first: 1, len: 2 },
+                    vote: Some((*b"v").into()),
+                    ..GroupMeta::default()
+                },
+            )],
+        };
+        c.store(&StdFs, tmp.path()).unwrap();
+        let r = recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)).unwrap();
+        let g = &r.groups[&1];
+        assert_eq!(g.entries.range(), Range { first: 1, len: 4 });
+        assert_eq!(g.vote.as_deref(), Some(&b"v"[..]));
+        assert_eq!(
+            g.entries.locate(2).unwrap().run.rec_off,
+            SEGMENT_HEADER_LEN as u32
+        );
+        assert_eq!(g.entries.locate(3).unwrap().run.rec_off, after_r1 as u32);
+        // A checkpoint covering more than the segment holds: records it covered were lost.
+        let end = after_r1 + r2.len() as u64;
+        let c = Checkpoint {
+            covers_offset: end + 40,
+            ..c
+        };
+        c.store(&StdFs, tmp.path()).unwrap();
+        match recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)) {
+            Err(Error::Corruption {
+                segment: 1, offset, ..
+            }) => assert_eq!(offset, end),
+            other => panic!("{:?}", other.map(|r| r.report)),
+        }
+        // Damage below the covered offset is corruption, never a torn tail to cut.
+        let c = Checkpoint {
+            covers_offset: end,
+            ..c
+        };
+        c.store(&StdFs, tmp.path()).unwrap();
+        let path = tmp.path().join(segment_name(1));
+        let mut bad = std::fs::read(&path).unwrap();
+        bad[after_r1 as usize + 20] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(matches!(
+            recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)),
+            Err(Error::Corruption { segment: 1, .. })
+        ));
+    }
+
+    #[test]
     fn damage_before_a_later_marker_is_corruption_after_it_a_tail() {
         let tmp = tempfile::tempdir().unwrap();
         let r1 = append_record(1, 1, 1, 2);
