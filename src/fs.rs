@@ -23,6 +23,14 @@ use std::sync::Arc;
 pub trait FsFile: Send + Sync + fmt::Debug {
     /// Reads exactly `buf.len()` bytes at `offset`; fails with `UnexpectedEof` past the end.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Reads exactly `len` bytes at `offset` into a new buffer; fails with `UnexpectedEof` past
+    /// the end. The default zero-fills the buffer and calls [`FsFile::read_exact_at`]; [`StdFs`]
+    /// reads straight into the buffer's uninitialised capacity (the engine's read path).
+    fn read_vec_at(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
     /// Writes all of `buf` at `offset`, growing the file if needed.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes the file's data (and the size, if it changed) durable: fdatasync.
@@ -79,6 +87,28 @@ impl DirLock for StdLock {}
 impl FsFile for StdFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+    }
+
+    fn read_vec_at(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+        // pread into the spare capacity: no zero-fill of bytes the read overwrites anyway.
+        // `spare_capacity` extends the length by exactly the bytes the kernel wrote (safe API).
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            let at = offset + buf.len() as u64;
+            match rustix::io::pread(&self.file, rustix::buffer::spare_capacity(&mut buf), at) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "failed to fill whole buffer",
+                    ))
+                }
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // A buffer given more capacity than asked may have read past `len`.
+        buf.truncate(len);
+        Ok(buf)
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

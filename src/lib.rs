@@ -7,6 +7,7 @@
 )]
 
 mod batch;
+mod cache;
 mod checkpoint;
 mod codec;
 mod commit;
@@ -28,11 +29,13 @@ mod recovery;
 mod segment;
 
 pub use batch::WriteBatch;
+/// The shared byte buffer [`Engine::entry_bytes`] and [`Engine::entries_bytes`] return.
+pub use bytes::Bytes;
 pub use durable::DurableWrite;
 pub use engine::{Engine, Stats};
 pub use error::{Error, Result};
 pub use gc::GcReport;
-pub use options::{Options, RecoveryMode};
+pub use options::{Options, RecoveryMode, DEFAULT_CACHE_BYTES};
 pub use recovery::{RecoveryReport, SkippedRange};
 
 /// Entry points for fuzzers and property tests: decoding arbitrary bytes must never panic.

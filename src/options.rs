@@ -13,6 +13,8 @@ use crate::fs::{FileSystem, StdFs};
 pub const MAX_RECORD_BYTES: u64 = 1 << 30;
 /// Largest segment target size (records start below 2 GiB, end below 4 GiB).
 pub const MAX_SEGMENT_SIZE: u64 = 2 << 30;
+/// Default byte budget of the entry cache ([`Options::cache_bytes`]).
+pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 /// Smallest segment target size.
 pub const MIN_SEGMENT_SIZE: u64 = 4096;
 
@@ -40,6 +42,7 @@ pub struct Options {
     pub(crate) prefill_segments: bool,
     pub(crate) gc_rewrite_max_entries: u64,
     pub(crate) auto_gc: bool,
+    pub(crate) cache_bytes: u64,
     pub(crate) file_system: Arc<dyn FileSystem>,
 }
 
@@ -53,6 +56,7 @@ impl fmt::Debug for Options {
             .field("prefill_segments", &self.prefill_segments)
             .field("gc_rewrite_max_entries", &self.gc_rewrite_max_entries)
             .field("auto_gc", &self.auto_gc)
+            .field("cache_bytes", &self.cache_bytes)
             .field("file_system", &self.file_system)
             .finish()
     }
@@ -70,6 +74,7 @@ impl Default for Options {
             prefill_segments: true,
             gc_rewrite_max_entries: 128,
             auto_gc: true,
+            cache_bytes: DEFAULT_CACHE_BYTES,
             file_system: Arc::new(StdFs),
         }
     }
@@ -129,6 +134,18 @@ impl Options {
     /// [`Engine::gc`](crate::Engine::gc). Default: true.
     pub fn auto_gc(mut self, on: bool) -> Self {
         self.auto_gc = on;
+        self
+    }
+
+    /// Byte budget of the entry cache: the entries written most recently are served from
+    /// memory (no system call, no checksum) until this many bytes of newer writes push them
+    /// out, oldest first. The bytes counted are the cached payloads, a fixed 64 bytes per
+    /// cached append, and the unused capacity of the batches' payload buffers; see
+    /// [`Stats::cache_bytes`](crate::Stats). 0 turns the cache off. Default: 64 MiB, enough for
+    /// a leader to replicate and apply what it wrote in the last seconds at a few hundred MB/s
+    /// of appends.
+    pub fn cache_bytes(mut self, bytes: u64) -> Self {
+        self.cache_bytes = bytes;
         self
     }
 
