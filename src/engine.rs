@@ -183,8 +183,15 @@ impl Inner {
                 }
             }
         }
-        file.read_vec_at(run.rec_len as usize, off)
-            .map_err(|e| Error::io(format!("reading segment {seg} at {off}"), e))
+        // A sealed segment (below the active one; rotation cut and synced it before moving
+        // on) is read from its memory mapping, where the file system has one.
+        let sealed = seg < self.active_segment.load(Ordering::Acquire);
+        let read = if sealed && self.opts.mmap_reads {
+            file.read_sealed_vec_at(run.rec_len as usize, off)
+        } else {
+            file.read_vec_at(run.rec_len as usize, off)
+        };
+        read.map_err(|e| Error::io(format!("reading segment {seg} at {off}"), e))
     }
 
     /// Reads and checks the record at `run`; returns its raw (decompressed) body.

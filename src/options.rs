@@ -43,6 +43,7 @@ pub struct Options {
     pub(crate) gc_rewrite_max_entries: u64,
     pub(crate) auto_gc: bool,
     pub(crate) cache_bytes: u64,
+    pub(crate) mmap_reads: bool,
     pub(crate) file_system: Arc<dyn FileSystem>,
 }
 
@@ -57,6 +58,7 @@ impl fmt::Debug for Options {
             .field("gc_rewrite_max_entries", &self.gc_rewrite_max_entries)
             .field("auto_gc", &self.auto_gc)
             .field("cache_bytes", &self.cache_bytes)
+            .field("mmap_reads", &self.mmap_reads)
             .field("file_system", &self.file_system)
             .finish()
     }
@@ -75,6 +77,7 @@ impl Default for Options {
             gc_rewrite_max_entries: 128,
             auto_gc: true,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            mmap_reads: true,
             file_system: Arc::new(StdFs),
         }
     }
@@ -146,6 +149,21 @@ impl Options {
     /// of appends.
     pub fn cache_bytes(mut self, bytes: u64) -> Self {
         self.cache_bytes = bytes;
+        self
+    }
+
+    /// Whether reads of sealed segments (every segment but the one receiving writes) may come
+    /// from a read-only memory mapping of the file ([`FsFile::read_sealed_vec_at`]): a copy
+    /// out of the page cache instead of a `pread` system call. The record's checksum is
+    /// verified either way. With [`StdFs`], a disk error while a mapped page is read in raises
+    /// SIGBUS (the process dies) instead of returning [`Error::Io`](crate::Error), and another
+    /// process truncating a live segment file does the same; set `false` where a failing disk
+    /// must surface as an error. Default: true.
+    ///
+    /// [`FsFile::read_sealed_vec_at`]: crate::fs::FsFile::read_sealed_vec_at
+    /// [`StdFs`]: crate::fs::StdFs
+    pub fn mmap_reads(mut self, on: bool) -> Self {
+        self.mmap_reads = on;
         self
     }
 
