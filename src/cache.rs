@@ -71,6 +71,19 @@ pub(crate) struct GroupCache {
 impl GroupCache {
     /// The bytes of the entry at `loc`, if its record's slice is cached. O(log cached appends).
     pub(crate) fn get(&self, loc: &EntryLoc) -> Option<Bytes> {
+        let (c, from, to) = self.find(loc)?;
+        Some(c.payload.slice(from..to))
+    }
+
+    /// [`Self::get`] copied into a new vector: no reference count is touched (the writer that
+    /// just cached the payload owns that cache line).
+    pub(crate) fn copy(&self, loc: &EntryLoc) -> Option<Vec<u8>> {
+        let (c, from, to) = self.find(loc)?;
+        c.payload.get(from..to).map(<[u8]>::to_vec)
+    }
+
+    /// The cached append holding `loc` and the entry's range in its payload.
+    fn find(&self, loc: &EntryLoc) -> Option<(&Cached, usize, usize)> {
         if self.recs.is_empty() {
             return None;
         }
@@ -82,7 +95,7 @@ impl GroupCache {
         }
         let from = loc.span.off.checked_sub(c.base)? as usize;
         let to = from.checked_add(loc.span.len as usize)?;
-        (to <= c.payload.len()).then(|| c.payload.slice(from..to))
+        (to <= c.payload.len()).then_some((c, from, to))
     }
 
     /// Drops the cached appends at either end whose records no run of the group names any
@@ -314,6 +327,7 @@ mod tests {
         assert_eq!(gc.get(&loc(1, 32, 12, 2)).unwrap(), &b"cd"[..]);
         assert_eq!(gc.get(&loc(1, 32, 16, 3)).unwrap(), &b"XYZ"[..]);
         assert_eq!(gc.get(&loc(2, 32, 11, 3)).unwrap(), &b"123"[..]);
+        assert_eq!(gc.copy(&loc(2, 32, 11, 3)).unwrap(), b"123");
         // Another record, or a span beyond the slice: not cached.
         assert!(gc.get(&loc(1, 64, 12, 2)).is_none());
         assert!(gc.get(&loc(2, 32, 12, 3)).is_none());

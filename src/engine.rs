@@ -194,6 +194,14 @@ impl Inner {
         read.map_err(|e| Error::io(format!("reading segment {seg} at {off}"), e))
     }
 
+    /// Entry `loc` copied out of its record (read whole and checked). Measured: copying the
+    /// record out of a mapping and checking the copy beats checking it in place (the copy
+    /// streams the cold lines in; the checksum then runs on warm ones).
+    fn read_entry(&self, file: &dyn FsFile, loc: &EntryLoc) -> Result<Vec<u8>> {
+        let raw = self.read_record(file, &loc.run)?;
+        Self::slice(&raw, loc)
+    }
+
     /// Reads and checks the record at `run`; returns its raw (decompressed) body.
     fn read_record(&self, file: &dyn FsFile, run: &Run) -> Result<RawBody> {
         let seg = u64::from(run.segment);
@@ -261,6 +269,7 @@ impl Inner {
 
 /// Where [`Engine::entry`] finds its entry.
 enum Located {
+    Copied(Vec<u8>),
     Cached(Bytes),
     Disk(EntryLoc, Arc<dyn FsFile>),
 }
@@ -509,44 +518,50 @@ impl Engine {
     /// [`Error::Corruption`] naming the segment and record offset when the record fails its
     /// checks; [`Error::Io`] when reading fails.
     pub fn entry(&self, group: u64, index: u64) -> Result<Option<Vec<u8>>> {
-        match self.locate_one(group, index)? {
+        match self.locate_one(group, index, true)? {
             None => Ok(None),
+            Some(Located::Copied(v)) => Ok(Some(v)),
             Some(Located::Cached(b)) => Ok(Some(b.to_vec())),
             Some(Located::Disk(loc, file)) => {
-                let raw = self.inner().read_record(file.as_ref(), &loc.run)?;
-                Inner::slice(&raw, &loc).map(Some)
+                self.inner().read_entry(file.as_ref(), &loc).map(Some)
             }
         }
     }
 
-    /// [`Engine::entry`] as shared bytes: a slice of the cached payload (no copy at all) or of
-    /// the record read from the file (no copy of the entry).
+    /// [`Engine::entry`] as shared bytes: a slice of the cached payload (no copy at all), or the
+    /// entry copied out of its record.
     ///
     /// # Errors
     ///
     /// As [`Engine::entry`].
     pub fn entry_bytes(&self, group: u64, index: u64) -> Result<Option<Bytes>> {
-        match self.locate_one(group, index)? {
+        match self.locate_one(group, index, false)? {
             None => Ok(None),
+            Some(Located::Copied(v)) => Ok(Some(Bytes::from(v))),
             Some(Located::Cached(b)) => Ok(Some(b)),
-            Some(Located::Disk(loc, file)) => {
-                let raw = self.inner().read_record(file.as_ref(), &loc.run)?;
-                let range = raw.range(&loc)?;
-                let (bytes, _) = raw.into_bytes();
-                Ok(Some(bytes.slice(range)))
-            }
+            // One entry: copied out of its record, so the record's buffer is not kept alive.
+            Some(Located::Disk(loc, file)) => self
+                .inner()
+                .read_entry(file.as_ref(), &loc)
+                .map(|v| Some(Bytes::from(v))),
         }
     }
 
-    /// Finds entry `index` of `group`: cached bytes, or its location and segment file.
-    fn locate_one(&self, group: u64, index: u64) -> Result<Option<Located>> {
+    /// Finds entry `index` of `group`: cached bytes (copied out under the group's lock if
+    /// `copy`), or its location and segment file.
+    fn locate_one(&self, group: u64, index: u64, copy: bool) -> Result<Option<Located>> {
         let inner = self.inner();
         inner
             .groups
             .read(group, |g| {
                 let loc = g.entries.locate(index)?;
-                Some(match g.cache.get(&loc) {
-                    Some(b) => Ok(Located::Cached(b)),
+                let cached = if copy {
+                    g.cache.copy(&loc).map(Located::Copied)
+                } else {
+                    g.cache.get(&loc).map(Located::Cached)
+                };
+                Some(match cached {
+                    Some(found) => Ok(found),
                     None => inner
                         .segment_file(loc.run.segment)
                         .map(|f| Located::Disk(loc, f)),
