@@ -237,9 +237,9 @@ impl Inner {
         group: u64,
         range: StdRange<u64>,
         max_bytes: usize,
-    ) -> Result<(Vec<Piece>, Vec<(u32, Arc<dyn FsFile>)>)> {
+    ) -> Result<(Vec<Piece>, SegmentFiles)> {
         let mut pieces: Vec<Piece> = Vec::new();
-        let mut files: Vec<(u32, Arc<dyn FsFile>)> = Vec::new();
+        let mut files: SegmentFiles = Vec::new();
         self.groups
             .read(group, |g| -> Result<()> {
                 let mut bytes = 0usize;
@@ -273,6 +273,9 @@ enum Located {
     Cached(Bytes),
     Disk(EntryLoc, Arc<dyn FsFile>),
 }
+
+/// The segment files a range read needs, by segment id.
+type SegmentFiles = Vec<(u32, Arc<dyn FsFile>)>;
 
 /// Where a range read finds one entry.
 enum Piece {
