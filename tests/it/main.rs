@@ -6,6 +6,7 @@
 //! - `golden`: the checked-in version-1 data directory opens with identical content.
 //! - `faults`: EIO and ENOSPC injected at every call site.
 //! - `pipeline`: write groups on a gated file system: no acknowledgement before its fsync.
+//! - `metrics`: the metrics reach an installed recorder (fsyncs, groups, GC, recovery, poison).
 //! - `kill`: SIGKILL a child writer at random points, then check every acknowledged batch.
 //! - `prop_recovery`: seeded proptest of the fuzz inputs: hostile images never panic or lie.
 //! - `reads`: the entry cache and the disk path race writers (seeded model), typed checksum
@@ -27,6 +28,7 @@ mod engine;
 mod faults;
 mod golden;
 mod kill;
+mod metrics;
 mod pipeline;
 #[cfg(any(feature = "openraft", feature = "openraft09"))]
 mod probefs;
