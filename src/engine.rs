@@ -383,6 +383,14 @@ impl Engine {
     /// Takes an exclusive lock on `dir/LOCK`: a second open of the same directory, from this
     /// process or another, fails with [`Error::Locked`] (after retrying for up to 50 ms) until
     /// this engine is dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] for options out of range; [`Error::NotADirectory`] if `dir` names
+    /// a file; [`Error::Locked`] if another engine has the directory; recovery's errors
+    /// ([`Error::Corruption`], [`Error::TornTail`] in strict mode, [`Error::Checkpoint`],
+    /// [`Error::MissingSegment`], [`Error::Inconsistent`]); [`Error::NoSpace`] naming what it
+    /// wanted on a full disk; other I/O errors.
     pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Engine> {
         options.validate()?;
         let dir = dir.as_ref().to_path_buf();

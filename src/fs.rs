@@ -30,6 +30,10 @@ pub trait FsFile: Send + Sync + fmt::Debug {
     /// Reads exactly `len` bytes at `offset` into a new buffer; fails with `UnexpectedEof` past
     /// the end. The default zero-fills the buffer and calls [`FsFile::read_exact_at`]; [`StdFs`]
     /// reads straight into the buffer's uninitialised capacity (the engine's read path).
+    ///
+    /// # Errors
+    ///
+    /// The OS error; `UnexpectedEof` if the file ends before `offset + len`.
     fn read_vec_at(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
         self.read_exact_at(&mut buf, offset)?;
@@ -40,6 +44,10 @@ pub trait FsFile: Send + Sync + fmt::Debug {
     /// own `set_len`, `write_all_at` or `allocate`. The default is [`FsFile::read_vec_at`];
     /// [`StdFs`] serves it from a read-only memory mapping of the file, made on the first call
     /// (see [`StdFs`] for what that changes on I/O errors).
+    ///
+    /// # Errors
+    ///
+    /// As [`FsFile::read_vec_at`].
     fn read_sealed_vec_at(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
         self.read_vec_at(len, offset)
     }

@@ -329,6 +329,11 @@ impl Inspection {
     /// Takes a read-only view of `dir` as recovery in `mode` sees it. Fails only if the
     /// directory cannot be listed (a missing path, not a directory, no permission); what
     /// recovery would refuse is reported in [`Inspection::recovery`].
+    ///
+    /// # Errors
+    ///
+    /// I/O errors listing or reading the directory (a missing path, not a directory, no
+    /// permission).
     pub fn open(
         dir: impl AsRef<Path>,
         mode: RecoveryMode,
@@ -475,6 +480,11 @@ impl Inspection {
     /// Up to `count` entries of `group` from index `from` (its first index if `None`), read
     /// from the files (read-only) and checked: `(index, bytes)` pairs, stopping at the group's
     /// last entry. Fails if recovery would fail, or if a record no longer passes its checks.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unrecoverable`] if recovery in this view's mode refuses the directory;
+    /// [`Error::Corruption`] for a record that no longer passes its checks; I/O errors.
     pub fn entries(
         &self,
         group: u64,
@@ -745,6 +755,10 @@ impl CheckReport {
 /// names the segment and offset of every problem and classifies damage as a torn tail (past
 /// the last proven-durable point) or damage to durable data. Changes nothing. Fails only if
 /// the directory cannot be listed.
+///
+/// # Errors
+///
+/// I/O errors listing the directory; problems found are in the report, not errors.
 pub fn check(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<CheckReport> {
     let dir = dir.as_ref();
     require_dir(dir)?;
@@ -944,6 +958,10 @@ pub enum RepairPlan {
 }
 
 /// Works out what [`repair`] would do; changes nothing.
+///
+/// # Errors
+///
+/// I/O errors listing or reading the directory.
 pub fn plan_repair(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<RepairPlan> {
     let dir = dir.as_ref();
     let view = Inspection::open(dir, RecoveryMode::TolerateTail, progress)?;
@@ -1033,6 +1051,12 @@ pub enum RepairOutcome {
 /// [`RecoveryMode::TolerateTail`], or drops damaged records as [`RecoveryMode::TolerateAny`]
 /// would by rebuilding the directory (see [`RepairPlan::Rebuild`]). Afterwards a normal open
 /// succeeds.
+///
+/// # Errors
+///
+/// [`Error::StaleRepairPlan`] if the directory changed since the plan; [`Error::Repair`] if
+/// the plan cannot be carried out (the original directory is then unchanged); I/O errors and
+/// the errors of [`Engine::open`].
 pub fn repair(
     dir: impl AsRef<Path>,
     expected: &RepairPlan,
