@@ -236,6 +236,10 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
 
     let mut scans = scan_all(fs, dir, &live, opts)?;
     let mut durable = durable_points(&scans, seal);
+    // What the log itself proves, before the checkpoint's contribution below: decides which
+    // segments recovery fsyncs. A checkpoint proves the records it covers durable, but not the
+    // segment's length (a rotation's trim may not have been synced before a kill).
+    let proven_by_log = durable.clone();
     // The checkpoint was stored only once every record it covers was durable: the covering
     // segment is proven durable up to the covered offset, and must hold records up to it.
     for (s, point) in scans.iter().zip(durable.iter_mut()) {
@@ -365,7 +369,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
                 .map_err(|e| Error::io(format!("removing leftover {name}"), e))?;
         }
     }
-    for (i, (s, &point)) in scans.iter().zip(&durable).enumerate() {
+    for (i, (s, &point)) in scans.iter().zip(&proven_by_log).enumerate() {
         let cut = cuts.contains(&i);
         if cut {
             s.file
