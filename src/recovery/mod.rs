@@ -11,7 +11,7 @@
 //!   Only bytes past the last proven-durable point of the last segments may be cut as a torn
 //!   tail (TolerateTail), and a cut is truncated and synced so cut bytes never come back.
 //! - Before the engine takes writes, every segment whose accepted bytes were not proven durable
-//!   is fsynced, and so is the directory: after a process kill they may still be only in the
+//!   by the log itself (markers, a later segment, the seal; not the checkpoint) is fsynced, and so is the directory: after a process kill they may still be only in the
 //!   page cache.
 //! - Records the checkpoint covers (those of segments below its segment, and those of its segment
 //!   starting below its offset) only position entries; the checkpoint supplies metadata and the
