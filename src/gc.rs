@@ -262,13 +262,14 @@ impl Inner {
                 // created again since: its metadata at the position is in `removed`).
             }
         }
-        // The log lock orders this against removals: every removal applied before the disarm
-        // is in `removed`.
-        {
+        // Disarm and take the removals in one step under the log lock: every removal applied
+        // before the disarm is in `removed`, and no later collection can be armed in between
+        // (arming clears `removed`, and it happens under the log lock too).
+        let removed = {
             let _log = self.log.lock();
             self.gc.armed.store(0, Ordering::Release);
-        }
-        let removed = std::mem::take(&mut *self.gc.removed.lock());
+            std::mem::take(&mut *self.gc.removed.lock())
+        };
         let present: BTreeSet<u64> = groups.iter().map(|(id, _)| *id).collect();
         groups.extend(removed.into_iter().filter(|(id, _)| !present.contains(id)));
         groups.sort_unstable_by_key(|(id, _)| *id);

@@ -527,8 +527,8 @@ pub(crate) fn apply_op<B: Into<Box<[u8]>>>(
     let group = op.group();
     if let Op::RemoveGroup { .. } = op {
         if let Some(mut g) = groups.remove(&group) {
-            g.entries.clear_counted(&mut ctx.refs);
-            // A checkpoint being collected must still see the group as it was at its position.
+            // A checkpoint being collected must still see the group as it was at its position
+            // (taken before the entries are cleared).
             if ctx.armed != 0 {
                 if g.last_pos < ctx.armed {
                     ctx.removed.push((group, g.meta()));
@@ -538,6 +538,7 @@ pub(crate) fn apply_op<B: Into<Box<[u8]>>>(
                     }
                 }
             }
+            g.entries.clear_counted(&mut ctx.refs);
         }
         return Ok(());
     }

@@ -11,7 +11,7 @@
 //!   Only bytes past the last proven-durable point of the last segments may be cut as a torn
 //!   tail (TolerateTail), and a cut is truncated and synced so cut bytes never come back.
 //! - Before the engine takes writes, every segment whose accepted bytes were not proven durable
-//!   is fsynced, and so is the directory: after a process kill they may still be only in the
+//!   by the log itself (markers, a later segment, the seal; not the checkpoint) is fsynced, and so is the directory: after a process kill they may still be only in the
 //!   page cache.
 //! - Records the checkpoint covers (those of segments below its segment, and those of its segment
 //!   starting below its offset) only position entries; the checkpoint supplies metadata and the
@@ -250,6 +250,10 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
 
     let mut scans = scan_all(fs, dir, &live, opts)?;
     let mut durable = durable_points(&scans, seal);
+    // What the log itself proves, before the checkpoint's contribution below: decides which
+    // segments recovery fsyncs. A checkpoint proves the records it covers durable, but not the
+    // segment's length (a rotation's trim may not have been synced before a kill).
+    let proven_by_log = durable.clone();
     // The checkpoint was stored only once every record it covers was durable: the covering
     // segment is proven durable up to the covered offset, and must hold records up to it.
     for (s, point) in scans.iter().zip(durable.iter_mut()) {
@@ -379,7 +383,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
                 .map_err(|e| Error::io(format!("removing leftover {name}"), e))?;
         }
     }
-    for (i, (s, &point)) in scans.iter().zip(&durable).enumerate() {
+    for (i, (s, &point)) in scans.iter().zip(&proven_by_log).enumerate() {
         let cut = cuts.contains(&i);
         if cut {
             s.file
