@@ -159,9 +159,10 @@ struct NodeArgs {
     /// Number of Raft groups on this node.
     #[arg(long, default_value_t = 16)]
     groups: u64,
-    /// Log filter (error, warn, info, debug, trace, or a tracing filter).
-    #[arg(long, default_value = "warn")]
-    log_level: String,
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter). Default: the
+    /// `RUST_LOG` environment variable, else `warn`.
+    #[arg(long)]
+    log_level: Option<String>,
     /// Keep Raft logs in memory instead of the engine (the ceiling for benchmarks; nothing
     /// survives a restart).
     #[arg(long)]
@@ -1033,9 +1034,44 @@ fn parse_peers(me: u64, peers: &[String]) -> anyhow::Result<BTreeMap<u64, String
     Ok(out)
 }
 
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM (what `kill` and service managers send), naming it.
+/// A node then stops its groups and returns; the engine is sealed when its last handle drops
+/// (a clean shutdown, reported as `clean_seal: true` by the next open).
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
+}
+
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).context("--log-level")?;
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let filter = match &args.log_level {
+        Some(level) => tracing_subscriber::EnvFilter::try_new(level).context("--log-level")?,
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .or_else(|_| tracing_subscriber::EnvFilter::try_new("warn"))
+            .context("RUST_LOG")?,
+    };
+    // Colour codes only on a terminal: node logs usually go to files.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
 
     let me = loopback(&format!("127.0.0.1:{}", args.port))?;
     let mut members = parse_peers(args.id, &args.peers)?;
@@ -1185,7 +1221,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     };
     tokio::select! {
         _ = accept => {}
-        _ = tokio::signal::ctrl_c() => println!("node {}: shutting down", args.id),
+        signal = shutdown_signal() => println!("node {}: {signal}, shutting down", args.id),
     }
     for raft in node.rafts.values() {
         let _ = raft.shutdown().await;
@@ -1636,7 +1672,7 @@ async fn run_load(
     }
     drop(tx);
     let mut count = 0u64;
-    let stop = tokio::signal::ctrl_c();
+    let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {

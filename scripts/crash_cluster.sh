@@ -12,22 +12,25 @@
 #   GROUPS_PER_NODE  groups per node                        (default: 64)
 #   ROUNDS           kill rounds                            (default: 12)
 #   SEED             random seed of the kill schedule       (default: random, printed)
-#   DATA_DIR         where the nodes keep their data        (default: ./crash-data, wiped)
+#   DATA_DIR         where the nodes keep their data        (default: <repo>/crash-data; relative paths are from the caller's directory, wiped)
 #   PORT_BASE        node i listens on PORT_BASE + i        (default: 9200)
 # Exit status 0 only if every acknowledged write was read back.
 set -euo pipefail
 
+CALLER=$PWD
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 GROUPS_PER_NODE=${GROUPS_PER_NODE:-64}
 ROUNDS=${ROUNDS:-12}
 SEED=${SEED:-$RANDOM}
-DATA_DIR=${DATA_DIR:-crash-data}
+DATA_DIR=${DATA_DIR:-$ROOT/crash-data}
+[[ $DATA_DIR == /* ]] || DATA_DIR=$CALLER/$DATA_DIR
 PORT_BASE=${PORT_BASE:-9200}
 echo "crash test: $GROUPS_PER_NODE groups/node, $ROUNDS rounds, SEED=$SEED"
 RANDOM=$SEED
 
 cargo build --release --example cluster 2>&1 | tail -1
-BIN=target/release/examples/cluster
+BIN=$ROOT/target/release/examples/cluster
 rm -rf "$DATA_DIR"
 mkdir -p "$DATA_DIR"
 

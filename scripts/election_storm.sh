@@ -16,22 +16,25 @@
 #   MODES            which logs to run: "engine memory"    (default: both)
 #   IDLE_S           seconds of idle CPU measurement       (default: 10)
 #   TIMEOUT_S        give up waiting for leaders after     (default: 600)
-#   DATA_DIR         where the nodes keep their data       (default: ./storm-data, wiped)
+#   DATA_DIR         where the nodes keep their data       (default: <repo>/storm-data; relative paths are from the caller's directory, wiped)
 #   PORT_BASE        node i listens on PORT_BASE + i       (default: 9100)
 #   NODE_ARGS        extra node arguments, e.g. "--heartbeat-ms 250"
 set -euo pipefail
 
+CALLER=$PWD
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 GROUPS_PER_NODE=${GROUPS_PER_NODE:-1000}
 MODES=${MODES:-engine memory}
 IDLE_S=${IDLE_S:-10}
 TIMEOUT_S=${TIMEOUT_S:-600}
-DATA_DIR=${DATA_DIR:-storm-data}
+DATA_DIR=${DATA_DIR:-$ROOT/storm-data}
+[[ $DATA_DIR == /* ]] || DATA_DIR=$CALLER/$DATA_DIR
 PORT_BASE=${PORT_BASE:-9100}
 read -r -a NODE_EXTRA <<<"${NODE_ARGS:-}"
 
 cargo build --release --example cluster 2>&1 | tail -1
-BIN=target/release/examples/cluster
+BIN=$ROOT/target/release/examples/cluster
 CLK_TCK=$(getconf CLK_TCK)
 # Room for the file descriptors of many groups (one connection per node pair needs few).
 ulimit -n 65536 2>/dev/null || true

@@ -5,10 +5,10 @@
 #   scripts/run_cluster.sh bench [ARGS]    # start, run the bench client with ARGS, stop
 #
 # Environment:
-#   DATA_DIR   data directories go to $DATA_DIR/node-{1,2,3}   (default: ./cluster-data)
+#   DATA_DIR   data directories go to $DATA_DIR/node-{1,2,3}   (default: <repo>/cluster-data; relative paths are from the caller's directory)
 #   NUM_GROUPS Raft groups per node                            (default: 16)
 #   MEMORY=1   keep Raft logs in memory instead of the engine (the benchmark ceiling)
-#   LOG_LEVEL  node log filter                                 (default: warn)
+#   LOG_LEVEL  node log filter                                 (default: $RUST_LOG, else warn)
 #   PORT_BASE  node i listens on PORT_BASE + i                 (default: 9000)
 #   WARMUP     seconds to wait before benchmarking, while new engines prefill their next
 #              segment in the background                       (default: 5)
@@ -17,16 +17,19 @@
 # it recovers from its data directory and catches up; the other two keep serving meanwhile.
 set -euo pipefail
 
+CALLER=$PWD
 cd "$(dirname "$0")/.."
-DATA_DIR=${DATA_DIR:-cluster-data}
+ROOT=$PWD
+DATA_DIR=${DATA_DIR:-$ROOT/cluster-data}
+[[ $DATA_DIR == /* ]] || DATA_DIR=$CALLER/$DATA_DIR
 NUM_GROUPS=${NUM_GROUPS:-16}
-LOG_LEVEL=${LOG_LEVEL:-warn}
+LOG_LEVEL=${LOG_LEVEL:-${RUST_LOG:-warn}}
 PORT_BASE=${PORT_BASE:-9000}
 EXTRA=()
 if [[ "${MEMORY:-0}" == 1 ]]; then EXTRA+=(--memory-log); fi
 
 cargo build --release --example cluster
-BIN=target/release/examples/cluster
+BIN=$ROOT/target/release/examples/cluster
 
 port() { echo $((PORT_BASE + $1)); }
 peers_of() {

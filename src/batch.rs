@@ -27,7 +27,8 @@ pub struct WriteBatch {
     /// Entry spans with offsets from the start of the payload area (appends index into it);
     /// [`WriteBatch::record_spans`] shifts them to offsets in the record's raw body.
     pub(crate) spans: Vec<EntrySpan>,
-    pub(crate) invalid: Option<String>,
+    /// The first entry too large for a record: (group, index, bytes).
+    pub(crate) invalid: Option<(u64, crate::codec::TooLargeEntry)>,
     /// Groups whose index version must be unchanged for the batch to apply (GC rewrites).
     pub(crate) expect_version: Vec<(u64, u64)>,
 }
@@ -65,7 +66,7 @@ impl WriteBatch {
                 }
             }
             Err(e) => {
-                self.invalid.get_or_insert_with(|| e.to_owned());
+                self.invalid.get_or_insert((group, e));
             }
         }
         self
@@ -158,5 +159,15 @@ impl WriteBatch {
                 len: s.len,
             })
             .collect()
+    }
+
+    /// The error for an entry too large for a record, if the batch holds one.
+    pub(crate) fn too_large(&self) -> Option<crate::Error> {
+        self.invalid.map(|(group, e)| crate::Error::EntryTooLarge {
+            group,
+            index: e.index,
+            bytes: e.bytes,
+            limit: crate::options::MAX_RECORD_BYTES,
+        })
     }
 }

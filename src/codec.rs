@@ -589,6 +589,13 @@ pub(crate) struct BodyBuilder {
     pub(crate) payload: Vec<u8>,
 }
 
+/// An entry larger than the largest record: its index and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TooLargeEntry {
+    pub(crate) index: u64,
+    pub(crate) bytes: u64,
+}
+
 impl BodyBuilder {
     pub(crate) fn append<E: AsRef<[u8]>>(
         &mut self,
@@ -596,15 +603,18 @@ impl BodyBuilder {
         first: u64,
         entries: impl IntoIterator<Item = E>,
         lens: &mut Vec<u32>,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), TooLargeEntry> {
         let start = lens.len();
         let mut tmp_lens = Vec::new();
-        for e in entries {
+        for (i, e) in entries.into_iter().enumerate() {
             let e = e.as_ref();
             let len = u32::try_from(e.len())
                 .ok()
                 .filter(|&l| u64::from(l) <= MAX_RECORD_BYTES)
-                .ok_or("entry larger than the largest record")?;
+                .ok_or(TooLargeEntry {
+                    index: first.saturating_add(i as u64),
+                    bytes: e.len() as u64,
+                })?;
             tmp_lens.push(len);
             self.payload.extend_from_slice(e);
         }

@@ -178,6 +178,7 @@ impl Commit {
         let mut st = self.state.lock();
         if st.poisoned.is_none() {
             tracing::error!(%reason, "engine poisoned");
+            crate::telemetry::poisoned();
             st.poisoned = Some(reason);
         }
         self.flusher_cv.notify_all();
@@ -193,7 +194,10 @@ impl Commit {
     ) -> Result<()> {
         let _serial = self.sync_lock.lock();
         self.check_poison()?;
-        sync().map_err(|e| {
+        let started = std::time::Instant::now();
+        let result = sync();
+        crate::telemetry::fsync(started.elapsed());
+        result.map_err(|e| {
             let err = Error::io(what, e);
             self.poison(format!("{err}"));
             err

@@ -35,6 +35,25 @@ pub const LOCK_NAME: &str = "LOCK";
 /// A handle on an open engine. Cheap to clone; the engine shuts down (its background threads
 /// stop, pending callbacks are completed, the directory lock is released) when the last clone is
 /// dropped.
+///
+/// ```
+/// use multiraft_wal::{Engine, Options, WriteBatch};
+///
+/// # fn main() -> multiraft_wal::Result<()> {
+/// # let tmp = tempfile::tempdir().unwrap();
+/// # let dir = tmp.path();
+/// let engine = Engine::open(dir, Options::default())?;
+/// let mut batch = WriteBatch::new();
+/// batch.append(1, 1, [b"one", b"two"]).set_vote(1, b"term 1");
+/// engine.write(batch)?; // returns after the fdatasync that covers it
+/// assert_eq!(engine.entry(1, 2)?.as_deref(), Some(&b"two"[..]));
+/// drop(engine);
+///
+/// let engine = Engine::open(dir, Options::default())?;
+/// assert_eq!(engine.last_index(1), Some(2));
+/// assert!(engine.recovery_report().clean_seal);
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Engine {
     handle: Arc<Handle>,
@@ -122,6 +141,7 @@ pub(crate) struct Inner {
 
 /// Counters describing the engine's state.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct Stats {
     /// Groups known.
     pub groups: usize,
@@ -140,6 +160,29 @@ pub struct Stats {
 }
 
 impl Inner {
+    /// The counters of [`Engine::stats`]; also publishes the gauges that need this walk of the
+    /// index (never called on the write path).
+    pub(crate) fn stats(&self) -> Stats {
+        let inner = self;
+        let mut s = Stats::default();
+        for shard in inner.groups.shards() {
+            let shard = shard.read();
+            s.groups += shard.len();
+            for g in shard.values() {
+                s.entries += g.entries.range().len;
+                s.index_bytes += g.entries.heap_bytes() as u64;
+            }
+        }
+        s.segments = inner.segments.read().len();
+        let log = inner.log.lock();
+        s.active_segment = log.segment;
+        s.written_batches = log.written;
+        drop(log);
+        s.synced_batches = inner.commit.synced();
+        crate::telemetry::state(s.segments, s.groups, s.index_bytes);
+        s
+    }
+
     /// Poisons the engine with `err` and returns it.
     pub(crate) fn fail(&self, err: Error) -> Error {
         self.commit.poison(err.to_string());
@@ -229,9 +272,15 @@ impl Engine {
     pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Engine> {
         options.validate()?;
         let dir = dir.as_ref().to_path_buf();
+        let _span = tracing::info_span!("open", dir = ?dir).entered();
+        crate::telemetry::describe();
         let fs = options.file_system.clone();
-        fs.create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("creating {dir:?}"), e))?;
+        fs.create_dir_all(&dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::NotADirectory => {
+                Error::NotADirectory { path: dir.clone() }
+            }
+            _ => Error::io(format!("creating the data directory {dir:?}"), e),
+        })?;
         let lock_path = dir.join(LOCK_NAME);
         // A process forking in this one (to exec a child) briefly shares the lock file's
         // descriptor, and with it the lock, until the child's exec closes it: a reopen right
@@ -253,10 +302,34 @@ impl Engine {
                     path: lock_path.clone(),
                 }
             } else {
-                Error::io("locking the data directory", e)
+                Error::io(format!("locking {lock_path:?}"), e)
             }
         })?;
-        let rec = recover(fs.as_ref(), &dir, &options)?;
+        let rec = {
+            let _span = tracing::info_span!("recovery", mode = ?options.recovery_mode).entered();
+            recover(fs.as_ref(), &dir, &options)?
+        };
+        let mut dropped = 0;
+        if let Some(cut) = &rec.report.tail_cut {
+            dropped += cut.bytes;
+            tracing::warn!(
+                segment = cut.segment,
+                offset = cut.offset,
+                bytes = cut.bytes,
+                "recovery cut a torn tail (bytes past the last proven-durable point)"
+            );
+        }
+        for s in &rec.report.skipped {
+            dropped += s.end.saturating_sub(s.start);
+            tracing::warn!(
+                segment = s.segment,
+                start = s.start,
+                end = s.end,
+                reason = %s.reason,
+                "recovery skipped damaged bytes (TolerateAny)"
+            );
+        }
+        crate::telemetry::recovery(rec.report.duration, rec.report.bytes, dropped);
         let groups = Groups::default();
         for (id, g) in rec.groups {
             groups.shard(id).write().insert(id, g);
@@ -272,7 +345,7 @@ impl Engine {
                 // Not prefilled here: opening stays fast; the segments after it are prefilled.
                 let id = rec.next_segment;
                 if id > u64::from(u32::MAX) {
-                    return Err(Error::InvalidArgument("segment ids exhausted".into()));
+                    return Err(Error::SegmentIdsExhausted);
                 }
                 let file = create_segment(fs.as_ref(), &dir, id, options.segment_size)?;
                 (id, file, false)
@@ -324,6 +397,7 @@ impl Engine {
             opts: options,
         });
         inner.refs.rebuild(&inner.groups);
+        inner.stats();
         {
             let mut log = inner.log.lock();
             log.next = Some(match ready_next {
@@ -356,7 +430,8 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] for a batch that does not fit the groups (nothing is written);
+    /// [`Error::NonContiguousAppend`], [`Error::IndexOverflow`], [`Error::EntryTooLarge`] or
+    /// [`Error::BatchTooLarge`] for a batch that does not fit (nothing is written);
     /// [`Error::NoSpace`] on a full disk (nothing is written); [`Error::Poisoned`] once a write
     /// or fdatasync failed.
     pub fn write(&self, batch: WriteBatch) -> Result<()> {
@@ -395,7 +470,7 @@ impl Engine {
 
     /// Writes `batch` and returns a future that resolves once the batch is durable: the
     /// awaitable form of [`Engine::write_async`], for async code. The batch's effects are
-    /// readable when this returns; awaiting the [`DurableWrite`] waits for the fdatasync that
+    /// readable when this returns; awaiting the [`DurableWrite`](crate::DurableWrite) waits for the fdatasync that
     /// covers it without blocking a thread, so one fdatasync covers the writes of many tasks.
     ///
     /// # Errors
@@ -551,22 +626,6 @@ impl Engine {
 
     /// Counters describing the engine.
     pub fn stats(&self) -> Stats {
-        let inner = self.inner();
-        let mut s = Stats::default();
-        for shard in inner.groups.shards() {
-            let shard = shard.read();
-            s.groups += shard.len();
-            for g in shard.values() {
-                s.entries += g.entries.range().len;
-                s.index_bytes += g.entries.heap_bytes() as u64;
-            }
-        }
-        s.segments = inner.segments.read().len();
-        let log = inner.log.lock();
-        s.active_segment = log.segment;
-        s.written_batches = log.written;
-        drop(log);
-        s.synced_batches = inner.commit.synced();
-        s
+        self.inner().stats()
     }
 }

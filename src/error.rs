@@ -11,7 +11,25 @@ use std::path::PathBuf;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in the engine.
+///
+/// ```
+/// use multiraft_wal::{Engine, Error, Options, WriteBatch};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let engine = Engine::open(dir.path(), Options::default())?;
+/// engine.write(WriteBatch::new().append(7, 1, [b"a", b"b"]).clone())?;
+/// // Index 5 would leave a gap after entry 2.
+/// match engine.write(WriteBatch::new().append(7, 5, [b"e"]).clone()) {
+///     Err(Error::NonContiguousAppend { group, index, next, .. }) => {
+///         assert_eq!((group, index, next), (7, 5, 3));
+///     }
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An I/O call failed.
     #[error("I/O error while {context}: {source}")]
@@ -83,9 +101,94 @@ pub enum Error {
         /// What the engine was doing.
         context: String,
     },
-    /// The caller asked for something the engine cannot do (bad index, bad option, ...).
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
+    /// An append would leave a gap after the group's last entry or start before its first: a
+    /// group holding `first..next` accepts appends starting within `first..=next` (an overlap
+    /// replaces the tail); an empty group accepts any index. Nothing of the batch was written.
+    #[error(
+        "append to group {group} at index {index} refused: the group holds {first}..{next}, so an append must start within {first}..={next}"
+    )]
+    NonContiguousAppend {
+        /// The group.
+        group: u64,
+        /// The first index of the refused append.
+        index: u64,
+        /// The group's first entry.
+        first: u64,
+        /// One past the group's last entry.
+        next: u64,
+    },
+    /// An append's indexes would pass `u64::MAX`. Nothing of the batch was written.
+    #[error(
+        "append of {count} entries to group {group} at index {index} overflows the index space"
+    )]
+    IndexOverflow {
+        /// The group.
+        group: u64,
+        /// The first index of the refused append.
+        index: u64,
+        /// Its number of entries.
+        count: u64,
+    },
+    /// One entry is larger than the largest record ([`crate::MAX_RECORD_BYTES`]).
+    #[error("entry {index} of group {group} is {bytes} bytes, more than the largest record ({limit} bytes)")]
+    EntryTooLarge {
+        /// The group.
+        group: u64,
+        /// The entry's index.
+        index: u64,
+        /// Its length.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A batch encodes to more than the largest record ([`crate::MAX_RECORD_BYTES`]): split it.
+    #[error("batch of {bytes} bytes exceeds the largest record ({limit} bytes)")]
+    BatchTooLarge {
+        /// The batch's encoded size.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// An option is out of its range (see [`crate::Options`]).
+    #[error("option {option}: {reason}")]
+    InvalidOption {
+        /// The option's name.
+        option: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
+    /// The data directory's path names something that is not a directory.
+    #[error("{path:?} is not a directory")]
+    NotADirectory {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A conditional write (a GC rewrite) found its group changed since it was read; nothing
+    /// was written. Only the engine's own GC makes such writes.
+    #[error("group {group} changed while being rewritten")]
+    GroupChanged {
+        /// The group.
+        group: u64,
+    },
+    /// A data directory cannot be recovered in the mode asked for (read-only inspection).
+    #[error("the directory cannot be recovered {reason}")]
+    Unrecoverable {
+        /// The mode and why.
+        reason: String,
+    },
+    /// The data directory changed between a repair's plan and its execution; nothing was
+    /// repaired.
+    #[error("the directory changed since the repair plan was made; run repair again")]
+    StaleRepairPlan,
+    /// A repair cannot proceed (the reason says what to do); the original directory is unchanged.
+    #[error("repair refused: {reason}")]
+    Repair {
+        /// Why.
+        reason: String,
+    },
+    /// Segment ids are 32-bit on disk and all of them were used.
+    #[error("segment ids exhausted")]
+    SegmentIdsExhausted,
     /// The engine has been shut down.
     #[error("engine is closed")]
     Closed,
@@ -98,6 +201,96 @@ impl Error {
             return Error::NoSpace { context };
         }
         Error::Io { context, source }
+    }
+
+    /// A copy of this error for each member of a failed write group (an I/O error's source is
+    /// copied by kind and message).
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Corruption {
+                segment,
+                offset,
+                reason,
+            } => Error::Corruption {
+                segment: *segment,
+                offset: *offset,
+                reason: reason.clone(),
+            },
+            Error::TornTail { segment, offset } => Error::TornTail {
+                segment: *segment,
+                offset: *offset,
+            },
+            Error::Checkpoint { path, reason } => Error::Checkpoint {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            Error::MissingSegment { segment } => Error::MissingSegment { segment: *segment },
+            Error::Inconsistent { group, reason } => Error::Inconsistent {
+                group: *group,
+                reason: reason.clone(),
+            },
+            Error::Poisoned { reason } => Error::Poisoned {
+                reason: reason.clone(),
+            },
+            Error::Locked { path } => Error::Locked { path: path.clone() },
+            Error::NoSpace { context } => Error::NoSpace {
+                context: context.clone(),
+            },
+            Error::NonContiguousAppend {
+                group,
+                index,
+                first,
+                next,
+            } => Error::NonContiguousAppend {
+                group: *group,
+                index: *index,
+                first: *first,
+                next: *next,
+            },
+            Error::IndexOverflow {
+                group,
+                index,
+                count,
+            } => Error::IndexOverflow {
+                group: *group,
+                index: *index,
+                count: *count,
+            },
+            Error::EntryTooLarge {
+                group,
+                index,
+                bytes,
+                limit,
+            } => Error::EntryTooLarge {
+                group: *group,
+                index: *index,
+                bytes: *bytes,
+                limit: *limit,
+            },
+            Error::BatchTooLarge { bytes, limit } => Error::BatchTooLarge {
+                bytes: *bytes,
+                limit: *limit,
+            },
+            Error::InvalidOption { option, reason } => Error::InvalidOption {
+                option,
+                reason: reason.clone(),
+            },
+            Error::NotADirectory { path } => Error::NotADirectory { path: path.clone() },
+            Error::GroupChanged { group } => Error::GroupChanged { group: *group },
+            Error::Unrecoverable { reason } => Error::Unrecoverable {
+                reason: reason.clone(),
+            },
+            Error::StaleRepairPlan => Error::StaleRepairPlan,
+            Error::Repair { reason } => Error::Repair {
+                reason: reason.clone(),
+            },
+            Error::SegmentIdsExhausted => Error::SegmentIdsExhausted,
+            Error::Closed => Error::Closed,
+        }
     }
 
     pub(crate) fn corruption(segment: u64, offset: u64, reason: impl Into<String>) -> Self {

@@ -22,17 +22,41 @@ use std::sync::Arc;
 )]
 pub trait FsFile: Send + Sync + fmt::Debug {
     /// Reads exactly `buf.len()` bytes at `offset`; fails with `UnexpectedEof` past the end.
+    ///
+    /// # Errors
+    ///
+    /// The OS error; `UnexpectedEof` if the file ends before `offset + buf.len()`.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, growing the file if needed.
+    ///
+    /// # Errors
+    ///
+    /// The OS error (`StorageFull` on a full disk); part of `buf` may have been written.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes the file's data (and the size, if it changed) durable: fdatasync.
+    ///
+    /// # Errors
+    ///
+    /// The OS error. After a failure the file's durable contents are unknown: the engine poisons itself and never retries.
     fn sync_data(&self) -> io::Result<()>;
     /// Reserves disk space for the first `len` bytes without changing what reads return
     /// (fallocate with `KEEP_SIZE`-free semantics: the size grows to at least `len`).
+    ///
+    /// # Errors
+    ///
+    /// The OS error (`StorageFull` when the space is not there).
     fn allocate(&self, len: u64) -> io::Result<()>;
     /// Sets the file's length, cutting or zero-extending it.
+    ///
+    /// # Errors
+    ///
+    /// The OS error.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// The file's current length.
+    ///
+    /// # Errors
+    ///
+    /// The OS error.
     fn len(&self) -> io::Result<u64>;
 }
 
@@ -42,21 +66,53 @@ pub trait DirLock: Send + Sync + fmt::Debug {}
 /// The operations the engine needs from a file system.
 pub trait FileSystem: Send + Sync + fmt::Debug + 'static {
     /// Creates the directory and its parents if missing.
+    ///
+    /// # Errors
+    ///
+    /// The OS error; `AlreadyExists` or `NotADirectory` when the path names something else.
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// Creates a new file, failing if it exists. Durable only after `sync_dir`.
+    ///
+    /// # Errors
+    ///
+    /// The OS error; `AlreadyExists` if the file exists.
     fn create(&self, path: &Path) -> io::Result<Arc<dyn FsFile>>;
     /// Opens an existing file for reading and writing.
+    ///
+    /// # Errors
+    ///
+    /// The OS error; `NotFound` if the file does not exist.
     fn open(&self, path: &Path) -> io::Result<Arc<dyn FsFile>>;
     /// Atomically renames `from` to `to`, replacing `to`. Durable only after `sync_dir`.
+    ///
+    /// # Errors
+    ///
+    /// The OS error.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Removes a file. Durable only after `sync_dir`.
+    ///
+    /// # Errors
+    ///
+    /// The OS error; `NotFound` if the file does not exist.
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// The names of the entries of a directory (not full paths), in no particular order.
+    ///
+    /// # Errors
+    ///
+    /// The OS error.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Makes the directory's entries (creations, renames, removals) durable.
+    ///
+    /// # Errors
+    ///
+    /// The OS error.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Takes an exclusive lock on `path` (created if missing) without waiting; fails with
     /// `WouldBlock` if another holder has it, in this process or another.
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock` if another holder has the lock; the OS error otherwise.
     fn lock(&self, path: &Path) -> io::Result<Box<dyn DirLock>>;
 }
 

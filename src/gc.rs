@@ -30,6 +30,7 @@ use crate::segment::segment_name;
 
 /// What one call of [`Engine::gc`] did and found.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct GcReport {
     /// Segments deleted.
     pub deleted_segments: Vec<u64>,
@@ -134,7 +135,14 @@ impl Inner {
                     self.gc.cv.wait(&mut q);
                 }
             };
+            let span = tracing::info_span!("gc", boundary = job.boundary).entered();
             let result = self.collect_and_delete(job);
+            if let Ok((deleted, freed)) = &result {
+                tracing::debug!(deleted = deleted.len(), freed, "GC job done");
+                crate::telemetry::gc_run(*freed, self.segments.read().len());
+                self.stats();
+            }
+            drop(span);
             let mut q = self.gc.queue.lock();
             q.done += 1;
             q.last = match result {
@@ -350,7 +358,7 @@ impl Engine {
         match self.inner().submit(batch, Durability::Unsynced) {
             Ok(()) => Ok(true),
             // The group changed meanwhile: its owner's writes are newer; skip it.
-            Err(Error::InvalidArgument(_)) => Ok(false),
+            Err(Error::GroupChanged { .. }) => Ok(false),
             Err(e) => Err(e),
         }
     }

@@ -24,6 +24,48 @@ pub(crate) struct Range {
     pub(crate) len: u64,
 }
 
+/// Why an append does not fit a group's range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AppendRefused {
+    /// `index + count` passes `u64::MAX`.
+    Overflow { index: u64, count: u64 },
+    /// The group holds `first..next` and `index` is outside `first..=next`.
+    Gap { index: u64, first: u64, next: u64 },
+}
+
+impl AppendRefused {
+    /// The typed error for an append to `group`.
+    pub(crate) fn into_error(self, group: u64) -> crate::error::Error {
+        match self {
+            AppendRefused::Overflow { index, count } => crate::error::Error::IndexOverflow {
+                group,
+                index,
+                count,
+            },
+            AppendRefused::Gap { index, first, next } => crate::error::Error::NonContiguousAppend {
+                group,
+                index,
+                first,
+                next,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for AppendRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AppendRefused::Overflow { index, count } => {
+                write!(f, "entries {index}+{count} overflow the index space")
+            }
+            AppendRefused::Gap { index, first, next } => write!(
+                f,
+                "append at index {index} but the group holds {first}..{next} (must start within {first}..={next})"
+            ),
+        }
+    }
+}
+
 impl Range {
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
@@ -35,26 +77,27 @@ impl Range {
 
     /// Where an append at `index` is allowed: anywhere in an empty group, else from `first` to
     /// one past the last entry (an overlap replaces the tail).
-    pub(crate) fn check_append(&self, index: u64, count: u64) -> Result<(), String> {
+    pub(crate) fn check_append(&self, index: u64, count: u64) -> Result<(), AppendRefused> {
         if index.checked_add(count).is_none() {
-            return Err(format!("entries {index}+{count} overflow the index space"));
+            return Err(AppendRefused::Overflow { index, count });
         }
         if self.len == 0 {
             return Ok(());
         }
         let next = self.first + self.len;
         if index < self.first || index > next {
-            return Err(format!(
-                "append at index {index} but the group holds {}..{next} (must start within {}..={next})",
-                self.first, self.first
-            ));
+            return Err(AppendRefused::Gap {
+                index,
+                first: self.first,
+                next,
+            });
         }
         Ok(())
     }
 
     /// The range after appending `count` entries at `index`; an append that does not fit (see
     /// [`Self::check_append`]) is refused and leaves the range as it was.
-    pub(crate) fn try_append(&mut self, index: u64, count: u64) -> Result<(), String> {
+    pub(crate) fn try_append(&mut self, index: u64, count: u64) -> Result<(), AppendRefused> {
         self.check_append(index, count)?;
         if self.len == 0 {
             *self = Range {
@@ -70,7 +113,7 @@ impl Range {
     /// The range after `op` (the transition shared by validation and [`apply_op`]); an append
     /// that does not fit is refused and leaves the range as it was. `count` is the number of
     /// entries an append adds.
-    pub(crate) fn apply<B>(&mut self, op: &Op<B>, count: u64) -> Result<(), String> {
+    pub(crate) fn apply<B>(&mut self, op: &Op<B>, count: u64) -> Result<(), AppendRefused> {
         match op {
             Op::Append { first, .. } => self.try_append(*first, count)?,
             Op::Truncate { index, .. } => self.truncate_from(*index),
@@ -151,7 +194,7 @@ impl EntryIndex {
         index: u64,
         run: Run,
         spans: &[EntrySpan],
-    ) -> Result<(), String> {
+    ) -> Result<(), AppendRefused> {
         self.try_append_counted(index, run, spans, &mut RefDelta::default())
     }
 
@@ -162,7 +205,7 @@ impl EntryIndex {
         run: Run,
         spans: &[EntrySpan],
         refs: &mut RefDelta,
-    ) -> Result<(), String> {
+    ) -> Result<(), AppendRefused> {
         let count = spans.len() as u64;
         if count == 0 {
             return Ok(());

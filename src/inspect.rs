@@ -484,10 +484,9 @@ impl Inspection {
         let state = match (&self.state, &self.recovery) {
             (Some(s), _) => s,
             (None, Err(e)) => {
-                return Err(Error::InvalidArgument(format!(
-                    "the directory cannot be recovered in {:?} mode: {e}",
-                    self.mode
-                )))
+                return Err(Error::Unrecoverable {
+                    reason: format!("in {:?} mode: {e}", self.mode),
+                })
             }
             (None, Ok(_)) => return Ok(Vec::new()),
         };
@@ -593,7 +592,7 @@ fn planned_changes(
                     continue;
                 };
                 let bytes = from.saturating_sub(*to);
-                if report.tail_cut.is_some_and(|c| c.0 == segment) {
+                if report.tail_cut.is_some_and(|c| c.segment == segment) {
                     out.push(PlannedChange::CutTornTail {
                         segment,
                         offset: *to,
@@ -859,7 +858,7 @@ pub fn check(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<CheckRepo
             _ => false,
         };
         if !dup && !listed {
-            refusals.push(clone_error(e));
+            refusals.push(Error::duplicate(e));
         }
     }
     for e in refusals {
@@ -906,28 +905,6 @@ pub fn check(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<CheckRepo
     })
 }
 
-/// A copy of the parts of an error a report needs (errors hold `io::Error`, which is not
-/// `Clone`).
-fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::Corruption {
-            segment,
-            offset,
-            reason,
-        } => Error::corruption(*segment, *offset, reason.clone()),
-        Error::TornTail { segment, offset } => Error::TornTail {
-            segment: *segment,
-            offset: *offset,
-        },
-        Error::MissingSegment { segment } => Error::MissingSegment { segment: *segment },
-        Error::Inconsistent { group, reason } => Error::Inconsistent {
-            group: *group,
-            reason: reason.clone(),
-        },
-        other => Error::InvalidArgument(other.to_string()),
-    }
-}
-
 /// What [`repair`] would do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -951,7 +928,7 @@ pub enum RepairPlan {
         /// checkpoint).
         dropped: Vec<SkippedRange>,
         /// A torn tail it cuts: (segment, offset, bytes).
-        tail_cut: Option<(u64, u64, u64)>,
+        tail_cut: Option<crate::TailCut>,
         /// Groups and entries the rebuilt directory will hold.
         groups: usize,
         /// Entries the rebuilt directory will hold.
@@ -1065,9 +1042,7 @@ pub fn repair(
     let view = Inspection::open(dir, RecoveryMode::TolerateTail, progress)?;
     let (plan, any) = plan_from(dir, view, progress)?;
     if &plan != expected {
-        return Err(Error::InvalidArgument(
-            "the directory changed since the repair plan was made; run repair again".into(),
-        ));
+        return Err(Error::StaleRepairPlan);
     }
     match plan {
         RepairPlan::Nothing => Ok(RepairOutcome::Nothing),
@@ -1084,11 +1059,15 @@ pub fn repair(
         }
         RepairPlan::Rebuild { .. } => match any {
             Some(view) => rebuild(dir, &view),
-            None => Err(Error::InvalidArgument("no recovered state to rebuild from".into())),
+            None => Err(Error::Repair {
+                reason: "no recovered state to rebuild from".into(),
+            }),
         },
-        RepairPlan::Impossible { refusal, reason } => Err(Error::InvalidArgument(format!(
+        RepairPlan::Impossible { refusal, reason } => Err(Error::Repair {
+ reason: format!(
             "cannot repair: a normal open fails ({refusal}) and so does TolerateAny recovery ({reason})"
-        ))),
+        ),
+ }),
     }
 }
 
@@ -1105,7 +1084,9 @@ fn rebuild(dir: &Path, view: &Inspection) -> Result<RepairOutcome> {
     let name = dir
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::InvalidArgument(format!("{dir:?} has no usable file name")))?;
+        .ok_or_else(|| Error::Repair {
+            reason: format!("{dir:?} has no usable file name"),
+        })?;
     let parent = dir.parent().unwrap_or_else(|| Path::new("."));
     let parent = if parent.as_os_str().is_empty() {
         Path::new(".")
@@ -1114,9 +1095,9 @@ fn rebuild(dir: &Path, view: &Inspection) -> Result<RepairOutcome> {
     };
     let fresh = parent.join(format!("{name}.mrwal-repair"));
     if fresh.exists() {
-        return Err(Error::InvalidArgument(format!(
-            "{fresh:?} exists (left by an interrupted repair?): remove it first"
-        )));
+        return Err(Error::Repair {
+            reason: format!("{fresh:?} exists (left by an interrupted repair?): remove it first"),
+        });
     }
     // Hold the old directory's lock until the swap: no engine opens it meanwhile.
     let lock: Box<dyn DirLock> = StdFs.lock(&dir.join(LOCK_NAME)).map_err(|e| {
@@ -1142,9 +1123,9 @@ fn rebuild(dir: &Path, view: &Inspection) -> Result<RepairOutcome> {
         .map_or(0, |d| d.as_secs());
     let backup = parent.join(format!("{name}.damaged-{secs}"));
     if backup.exists() {
-        return Err(Error::InvalidArgument(format!(
-            "{backup:?} exists: run repair again in a second"
-        )));
+        return Err(Error::Repair {
+            reason: format!("{backup:?} exists: run repair again in a second"),
+        });
     }
     if let Err(e) = write_rebuild(&fresh, dir, view, &groups, &opts) {
         // Only what this call created goes; the original was not touched.
@@ -1224,9 +1205,9 @@ fn write_rebuild(
     // The new directory must open normally and serve the same state.
     let check = Inspection::open(fresh, RecoveryMode::Strict, &ScanProgress::new())?;
     if let Err(e) = &check.recovery {
-        return Err(Error::InvalidArgument(format!(
-            "the rebuilt directory {fresh:?} does not open: {e}"
-        )));
+        return Err(Error::Repair {
+            reason: format!("the rebuilt directory {fresh:?} does not open: {e}"),
+        });
     }
     let same = |a: &[GroupSummary], b: &[GroupSummary]| {
         a.len() == b.len()
@@ -1241,9 +1222,11 @@ fn write_rebuild(
             })
     };
     if !same(&check.groups(), groups) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Repair {
+ reason: format!(
             "the rebuilt directory {fresh:?} does not hold the recovered state; {dir:?} is unchanged"
-        )));
+        ),
+ });
     }
     Ok(())
 }

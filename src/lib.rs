@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
@@ -20,21 +21,25 @@ pub mod inspect;
 mod options;
 mod pipeline;
 #[cfg(feature = "openraft")]
+#[cfg_attr(docsrs, doc(cfg(feature = "openraft")))]
 pub mod raft;
 #[cfg(feature = "openraft09")]
+#[cfg_attr(docsrs, doc(cfg(feature = "openraft09")))]
 pub mod raft09;
 #[cfg(any(feature = "openraft", feature = "openraft09"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "openraft", feature = "openraft09"))))]
 pub mod raft_shared;
 mod recovery;
 mod segment;
+mod telemetry;
 
 pub use batch::WriteBatch;
 pub use durable::DurableWrite;
 pub use engine::{Engine, Stats};
 pub use error::{Error, Result};
 pub use gc::GcReport;
-pub use options::{Options, RecoveryMode};
-pub use recovery::{RecoveryReport, SkippedRange};
+pub use options::{Options, RecoveryMode, MAX_RECORD_BYTES, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE};
+pub use recovery::{RecoveryReport, SkippedRange, TailCut};
 
 /// Entry points for fuzzers and property tests: decoding arbitrary bytes must never panic.
 #[doc(hidden)]

@@ -1,4 +1,5 @@
-//! Engine options with defaults, a builder, and validation.
+//! Engine options with defaults, a builder, validation, and (feature `serde`) a configuration
+//! file form.
 //!
 //! Invariant: an [`Options`] accepted by [`Options::validate`] never lets a segment file or a
 //! record offset outgrow the 32-bit positions kept in the in-memory index.
@@ -16,8 +17,14 @@ pub const MAX_SEGMENT_SIZE: u64 = 2 << 30;
 /// Smallest segment target size.
 pub const MIN_SEGMENT_SIZE: u64 = 4096;
 
-/// What recovery does with damaged records.
+/// What recovery does with damaged records. In a configuration file: `"tolerate-tail"`,
+/// `"strict"` or `"tolerate-any"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(rename_all = "kebab-case")
+)]
 pub enum RecoveryMode {
     /// A torn or garbage tail of the last segment is cut off; corruption anywhere else is an
     /// error naming the segment and offset. The default.
@@ -30,17 +37,90 @@ pub enum RecoveryMode {
     TolerateAny,
 }
 
-/// Engine options. Build with [`Options::default`] and the builder methods.
+/// Engine options. Build with [`Options::default`] and the builder methods; each method documents
+/// its option's default and range, and [`Options::validate`] (also run by
+/// [`Engine::open`](crate::Engine::open)) rejects values out of range.
+///
+/// ```
+/// use multiraft_wal::{Options, RecoveryMode};
+///
+/// let options = Options::default()
+///     .segment_size(64 << 20)
+///     .recovery_mode(RecoveryMode::Strict);
+/// assert!(options.validate().is_ok());
+/// assert!(Options::default().segment_size(1).validate().is_err());
+/// ```
+///
+/// With the feature `serde`, options also deserialize from (and serialize to) any serde format,
+/// for example a TOML configuration file. Keys are the builder methods' names in kebab-case;
+/// every key is optional (missing ones take their defaults) and unknown keys are refused.
+/// Sizes accept a number of bytes or a human size (`"128MiB"`, `"64 KiB"`, `"1GB"`). The file
+/// system cannot be configured from a file.
+///
+#[cfg_attr(feature = "serde", doc = "```")]
+#[cfg_attr(not(feature = "serde"), doc = "```ignore")]
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use multiraft_wal::Options;
+///
+/// let options: Options = serde_json::from_str(r#"{
+///     "segment-size": "64MiB",
+///     "compression-threshold": 8192,
+///     "recovery-mode": "tolerate-any",
+///     "recovery-threads": 4,
+///     "prefill-segments": false,
+///     "gc-rewrite-max-entries": 128,
+///     "auto-gc": true
+/// }"#)?;
+/// options.validate()?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(rename_all = "kebab-case", default, deny_unknown_fields)
+)]
 pub struct Options {
+    #[cfg_attr(feature = "serde", serde(with = "size"))]
     pub(crate) segment_size: u64,
+    #[cfg_attr(feature = "serde", serde(with = "size"))]
     pub(crate) compression_threshold: usize,
     pub(crate) recovery_mode: RecoveryMode,
     pub(crate) recovery_threads: usize,
     pub(crate) prefill_segments: bool,
     pub(crate) gc_rewrite_max_entries: u64,
     pub(crate) auto_gc: bool,
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub(crate) file_system: Arc<dyn FileSystem>,
+}
+
+/// Sizes in configuration files: a number of bytes or a human size; written back as the shortest
+/// exact human form (`"128MiB"`), or as a number of bytes when no binary unit divides it.
+#[cfg(feature = "serde")]
+mod size {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// The integer types options use for sizes.
+    pub(super) trait Size: Copy + TryFrom<u64> + TryInto<u64> {}
+    impl Size for u64 {}
+    impl Size for usize {}
+
+    pub(super) fn serialize<T: Size, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        let Ok(n) = (*v).try_into() else {
+            return Err(serde::ser::Error::custom("size does not fit in 64 bits"));
+        };
+        for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+            if n != 0 && n % (1u64 << shift) == 0 {
+                return format!("{}{unit}", n >> shift).serialize(s);
+            }
+        }
+        n.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, T: Size, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        let n = bytesize::ByteSize::deserialize(d)?.as_u64();
+        T::try_from(n).map_err(|_| serde::de::Error::custom(format!("size {n} is too large")))
+    }
 }
 
 impl fmt::Debug for Options {
@@ -139,17 +219,25 @@ impl Options {
     }
 
     /// Checks the options for values the engine cannot honour.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] naming the first option out of its range.
     pub fn validate(&self) -> Result<()> {
         if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&self.segment_size) {
-            return Err(Error::InvalidArgument(format!(
-                "segment_size {} is outside {}..={}",
-                self.segment_size, MIN_SEGMENT_SIZE, MAX_SEGMENT_SIZE
-            )));
+            return Err(Error::InvalidOption {
+                option: "segment_size",
+                reason: format!(
+                    "{} is outside {MIN_SEGMENT_SIZE}..={MAX_SEGMENT_SIZE}",
+                    self.segment_size
+                ),
+            });
         }
         if self.recovery_threads == 0 {
-            return Err(Error::InvalidArgument(
-                "recovery_threads must be at least 1".into(),
-            ));
+            return Err(Error::InvalidOption {
+                option: "recovery_threads",
+                reason: "must be at least 1".into(),
+            });
         }
         Ok(())
     }
@@ -158,6 +246,40 @@ impl Options {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn a_config_file_round_trips_with_human_sizes() {
+        let text = r#"
+            segment-size = "64 MiB"
+            compression-threshold = 4096
+            recovery-mode = "strict"
+            auto-gc = false
+        "#;
+        let o: Options = toml::from_str(text).expect("parses");
+        assert_eq!(o.segment_size, 64 << 20);
+        assert_eq!(o.compression_threshold, 4096);
+        assert_eq!(o.recovery_mode, RecoveryMode::Strict);
+        assert!(!o.auto_gc);
+        // Missing keys keep their defaults.
+        let d = Options::default();
+        assert_eq!(o.gc_rewrite_max_entries, d.gc_rewrite_max_entries);
+        assert_eq!(o.prefill_segments, d.prefill_segments);
+        // Written back in human form and read again to the same options.
+        let out = toml::to_string(&o).expect("serializes");
+        assert!(out.contains("segment-size = \"64MiB\""), "{out}");
+        assert!(out.contains("compression-threshold = \"4KiB\""), "{out}");
+        let again: Options = toml::from_str(&out).expect("parses again");
+        assert_eq!(format!("{again:?}"), format!("{o:?}"));
+        // A size that no binary unit divides stays a number of bytes.
+        let odd: Options = toml::from_str("segment-size = 1000000").expect("parses");
+        assert!(toml::to_string(&odd)
+            .expect("serializes")
+            .contains("segment-size = 1000000"));
+        // Unknown keys and bad sizes are refused.
+        assert!(toml::from_str::<Options>("segment-sise = 4096").is_err());
+        assert!(toml::from_str::<Options>("segment-size = \"12 parsecs\"").is_err());
+    }
 
     #[test]
     fn validation() {

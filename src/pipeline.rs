@@ -116,31 +116,11 @@ pub(crate) struct LogWriter {
     pub(crate) syncs_in_segment: u32,
 }
 
-/// Duplicates an error for each member of a failed write group.
-fn share(e: &Error) -> Error {
-    match e {
-        Error::Io { context, source } => Error::Io {
-            context: context.clone(),
-            source: std::io::Error::new(source.kind(), source.to_string()),
-        },
-        Error::NoSpace { context } => Error::NoSpace {
-            context: context.clone(),
-        },
-        Error::Poisoned { reason } => Error::Poisoned {
-            reason: reason.clone(),
-        },
-        Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
-        other => Error::Poisoned {
-            reason: other.to_string(),
-        },
-    }
-}
-
 /// Validates one batch against the index and the ranges earlier members of its write group
 /// leave (`overlay`); on success `overlay` includes this batch's effects.
 fn validate(groups: &Groups, batch: &WriteBatch, overlay: &mut Vec<(u64, Range)>) -> Result<()> {
-    if let Some(e) = &batch.invalid {
-        return Err(Error::InvalidArgument(e.clone()));
+    if let Some(e) = batch.too_large() {
+        return Err(e);
     }
     let mut mine: Vec<(u64, Range)> = Vec::new();
     for &(group, version) in &batch.expect_version {
@@ -149,9 +129,7 @@ fn validate(groups: &Groups, batch: &WriteBatch, overlay: &mut Vec<(u64, Range)>
         let touched = overlay.iter().any(|(g, _)| *g == group);
         let now = groups.read(group, |g| g.version);
         if touched || now != Some(version) {
-            return Err(Error::InvalidArgument(format!(
-                "group {group} changed while being rewritten"
-            )));
+            return Err(Error::GroupChanged { group });
         }
     }
     for op in &batch.ops {
@@ -177,9 +155,7 @@ fn validate(groups: &Groups, batch: &WriteBatch, overlay: &mut Vec<(u64, Range)>
             Op::Append { spans, .. } => spans.len() as u64,
             _ => 0,
         };
-        range
-            .apply(op, count)
-            .map_err(|e| Error::InvalidArgument(format!("group {group}: {e}")))?;
+        range.apply(op, count).map_err(|e| e.into_error(group))?;
     }
     overlay.extend(mine);
     Ok(())
@@ -217,17 +193,17 @@ impl Inner {
     /// Writes `batch` with the given durability; returns when the batch is written (and, for
     /// [`Durability::Sync`], durable).
     pub(crate) fn submit(&self, batch: WriteBatch, durability: Durability) -> Result<()> {
-        if let Some(e) = &batch.invalid {
-            return Err(Error::InvalidArgument(e.clone()));
+        if let Some(e) = batch.too_large() {
+            return Err(e);
         }
         if batch.is_empty() {
             return self.submit_empty(durability);
         }
         if batch.body.raw_len() as u64 + RECORD_HEADER_LEN as u64 > MAX_RECORD_BYTES {
-            return Err(Error::InvalidArgument(format!(
-                "batch of {} bytes exceeds the largest record ({MAX_RECORD_BYTES} bytes)",
-                batch.body.raw_len()
-            )));
+            return Err(Error::BatchTooLarge {
+                bytes: batch.body.raw_len() as u64 + RECORD_HEADER_LEN as u64,
+                limit: MAX_RECORD_BYTES,
+            });
         }
         self.commit.check_poison()?;
         let record = batch.body.encode(self.opts.compression_threshold);
@@ -313,6 +289,7 @@ impl Inner {
     fn lead(&self, own: &Arc<Request>) -> Result<()> {
         let members = std::mem::take(&mut self.queue.lock().pending);
         let outcome = self.write_group(&members);
+        crate::telemetry::write_group(outcome.iter().filter(|r| r.is_ok()).count());
         let mut own_result: Result<Option<u64>> = Ok(None);
         let mut others_wait = false;
         for (m, result) in members.iter().zip(outcome) {
@@ -352,7 +329,7 @@ impl Inner {
     fn write_group(&self, members: &[Arc<Request>]) -> Vec<Result<u64>> {
         let mut log = self.log.lock();
         if let Err(e) = self.commit.check_poison() {
-            return members.iter().map(|_| Err(share(&e))).collect();
+            return members.iter().map(|_| Err(e.duplicate())).collect();
         }
         // Validate in order; refused members take no position.
         let mut overlay: Vec<(u64, Range)> = Vec::new();
@@ -435,7 +412,7 @@ impl Inner {
             if !clean && self.commit.poisoned().is_none() {
                 self.commit.poison(e.to_string());
             }
-            return members.iter().map(|_| Err(share(&e))).collect();
+            return members.iter().map(|_| Err(e.duplicate())).collect();
         }
         self.apply_placed(members, placed.get(applied..).unwrap_or(&[]));
         log.written += 1;
@@ -548,6 +525,7 @@ impl Inner {
             self.commit.poison(err.to_string());
             return Err(err);
         }
+        crate::telemetry::bytes_written(len);
         let mut tail = self.tail.write();
         tail.base = base + len;
         tail.bytes.clear();
@@ -658,10 +636,11 @@ impl Inner {
     /// one. Called with the log lock.
     /// Returns the GC job it armed, if any.
     pub(crate) fn rotate(&self, log: &mut LogWriter) -> Result<Option<u64>> {
+        let _span = tracing::debug_span!("rotation", from = log.segment).entered();
         self.flush_tail(log, None)?;
         let next_id = log.segment + 1;
         if next_id > u64::from(u32::MAX) {
-            return Err(self.fail(Error::InvalidArgument("segment ids exhausted".into())));
+            return Err(self.fail(Error::SegmentIdsExhausted));
         }
         let (file, prefilled) = self.take_next(log, next_id)?;
         // A sealed segment ends with its last record: recovery reads no zero tail, and the space
@@ -675,7 +654,12 @@ impl Inner {
         self.commit.guarded_sync(&what, || log.file.sync_data())?;
         self.sync_point.rotated(log.segment, log.offset);
         self.commit.mark_synced(log.written);
-        self.segments.write().insert(next_id, file.clone());
+        let segments = {
+            let mut segments = self.segments.write();
+            segments.insert(next_id, file.clone());
+            segments.len()
+        };
+        crate::telemetry::rotation(segments);
         log.segment = next_id;
         self.active_segment.store(next_id, Ordering::Relaxed);
         log.file = file;
@@ -733,7 +717,7 @@ mod tests {
         validate(&groups, &owner, &mut overlay).unwrap();
         assert!(matches!(
             validate(&groups, &rewrite, &mut overlay),
-            Err(Error::InvalidArgument(_))
+            Err(Error::GroupChanged { .. })
         ));
     }
 }

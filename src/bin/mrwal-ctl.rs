@@ -212,7 +212,7 @@ fn findings_json(f: &OpenFindings) -> Value {
         "records": r.records,
         "entries": r.entries,
         "bytes": r.bytes,
-        "tail_cut": r.tail_cut.map(|(s, o, b)| json!({"segment": s, "offset": o, "bytes": b})),
+        "tail_cut": r.tail_cut.map(|c| json!({"segment": c.segment, "offset": c.offset, "bytes": c.bytes})),
         "skipped": r.skipped.iter().map(|s| json!({"segment": s.segment, "start": s.start, "end": s.end, "reason": s.reason})).collect::<Vec<_>>(),
         "stale_removed": r.stale_removed,
         "checkpoint": r.checkpoint,
@@ -555,7 +555,7 @@ fn plan_json(plan: &RepairPlan) -> Value {
             "action": "rebuild-tolerate-any",
             "refusal": refusal,
             "dropped": dropped.iter().map(|s| json!({"segment": s.segment, "start": s.start, "end": s.end, "reason": s.reason})).collect::<Vec<_>>(),
-            "tail_cut": tail_cut.map(|(s, o, b)| json!({"segment": s, "offset": o, "bytes": b})),
+            "tail_cut": tail_cut.map(|c| json!({"segment": c.segment, "offset": c.offset, "bytes": c.bytes})),
             "groups": groups,
             "entries": entries,
         }),
@@ -596,7 +596,13 @@ fn print_plan(plan: &RepairPlan) {
                     );
                 }
             }
-            if let Some((s, o, b)) = tail_cut {
+            if let Some(multiraft_wal::TailCut {
+                segment: s,
+                offset: o,
+                bytes: b,
+                ..
+            }) = tail_cut
+            {
                 println!("  - torn tail of segment {s}: {b} bytes from offset {o}");
             }
             println!(

@@ -23,14 +23,26 @@ use openraft::{LogId, RaftTypeConfig};
 /// or `InvalidInput` (encode); the store adds which value failed.
 pub trait Codec<C: RaftTypeConfig>: Clone + Send + Sync + 'static {
     /// Appends the encoding of `entry` to `out`.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` if the entry cannot be encoded.
     fn encode_entry(&self, entry: &EntryOf<C>, out: &mut Vec<u8>) -> io::Result<()>;
 
     /// Decodes an entry previously encoded by [`Codec::encode_entry`]; all of `bytes` is one
     /// entry.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidData` if `bytes` is not one encoded entry.
     fn decode_entry(&self, bytes: &[u8]) -> io::Result<EntryOf<C>>;
 
     /// Decodes only the log id of an encoded entry. The default decodes the whole entry; a codec
     /// whose layout puts the log id first may do less work.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidData` if `bytes` is not one encoded entry.
     fn decode_entry_log_id(&self, bytes: &[u8]) -> io::Result<LogIdOf<C>> {
         let entry = self.decode_entry(bytes)?;
         let (leader, index) = entry.log_id_parts();
@@ -38,15 +50,31 @@ pub trait Codec<C: RaftTypeConfig>: Clone + Send + Sync + 'static {
     }
 
     /// Encodes a vote.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` if the vote cannot be encoded.
     fn encode_vote(&self, vote: &VoteOf<C>) -> io::Result<Vec<u8>>;
 
     /// Decodes a vote previously encoded by [`Codec::encode_vote`].
+    ///
+    /// # Errors
+    ///
+    /// `InvalidData` if `bytes` is not an encoded vote.
     fn decode_vote(&self, bytes: &[u8]) -> io::Result<VoteOf<C>>;
 
     /// Encodes a log id (used for the committed and the last purged log id).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` if the log id cannot be encoded.
     fn encode_log_id(&self, log_id: &LogIdOf<C>) -> io::Result<Vec<u8>>;
 
     /// Decodes a log id previously encoded by [`Codec::encode_log_id`].
+    ///
+    /// # Errors
+    ///
+    /// `InvalidData` if `bytes` is not an encoded log id.
     fn decode_log_id(&self, bytes: &[u8]) -> io::Result<LogIdOf<C>>;
 }
 

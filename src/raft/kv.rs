@@ -107,6 +107,10 @@ impl KvStateMachine {
     /// A state machine whose snapshots are kept in `store` for `group`; starts from the newest
     /// snapshot found there, if any. Blocks to read it: from async code use
     /// [`KvStateMachine::open_async`].
+    ///
+    /// # Errors
+    ///
+    /// An I/O error reading the snapshot, `InvalidData` if the stored snapshot does not decode.
     pub fn open(store: SnapshotStore, group: u64) -> io::Result<Self> {
         let stored = store.load(group)?;
         Self::from_stored(store, group, stored.map(|s| (s.meta, s.data)))
@@ -114,6 +118,10 @@ impl KvStateMachine {
 
     /// [`KvStateMachine::open`] without blocking the caller's thread: the snapshot is read on
     /// the store's worker threads.
+    ///
+    /// # Errors
+    ///
+    /// An I/O error reading the snapshot, `InvalidData` if the stored snapshot does not decode.
     pub async fn open_async(store: SnapshotStore, group: u64) -> io::Result<Self> {
         let stored = store.load_async(group).await?;
         Self::from_stored(store, group, stored.map(|s| (s.meta, s.data)))

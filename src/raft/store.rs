@@ -44,6 +44,28 @@ use crate::{Engine, Error};
 ///
 /// Two handles of the same group must not be written concurrently: openraft writes through one
 /// handle from its core task and reads through clones.
+///
+/// One engine, one handle per group; each handle goes to that group's `openraft::Raft::new`
+/// (see `examples/quickstart.rs` for a whole node and `examples/cluster.rs` for many groups):
+///
+/// ```
+/// use multiraft_wal::raft::kv::KvTypeConfig;
+/// use multiraft_wal::raft::GroupLogStore;
+/// use multiraft_wal::{Engine, Options};
+/// use openraft::storage::RaftLogStorage;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let tmp = tempfile::tempdir()?;
+/// let engine = Engine::open(tmp.path(), Options::default())?;
+/// let mut logs: Vec<GroupLogStore<KvTypeConfig>> =
+///     (1..=3).map(|group| GroupLogStore::new(engine.clone(), group)).collect();
+/// // What openraft asks first: an empty log for a new group.
+/// let state = logs[0].get_log_state().await?;
+/// assert!(state.last_log_id.is_none());
+/// assert_eq!(logs[2].group(), 3);
+/// # Ok(()) }
+/// ```
 pub struct GroupLogStore<C: RaftTypeConfig, K: Codec<C> = BincodeCodec> {
     core: GroupCore,
     codec: K,
@@ -110,6 +132,10 @@ impl<C: RaftTypeConfig, K: Codec<C>> GroupLogStore<C, K> {
     }
 
     /// The last purged log id, as stored by [`RaftLogStorage::purge`].
+    ///
+    /// # Errors
+    ///
+    /// `InvalidData` if the stored value does not decode.
     pub fn last_purged_log_id(&self) -> io::Result<Option<LogIdOf<C>>> {
         match self.core.last_purged() {
             None => Ok(None),

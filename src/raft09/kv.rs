@@ -94,6 +94,10 @@ impl KvStateMachine {
 
     /// A state machine whose snapshots are kept in `store` for `group`; starts from the newest
     /// snapshot there. Reads it on the store's worker threads.
+    ///
+    /// # Errors
+    ///
+    /// An I/O error reading the snapshot, `InvalidData` if the stored snapshot does not decode.
     pub async fn open_async(store: SnapshotStore, group: u64) -> io::Result<Self> {
         let stored = store.load_async(group).await?;
         let mut state = State::default();

@@ -106,6 +106,10 @@ where
     }
 
     /// The last purged log id, as stored by `purge`.
+    ///
+    /// # Errors
+    ///
+    /// A storage error if the stored value does not decode.
     pub fn last_purged_log_id(&self) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {
         match self.core.last_purged() {
             None => Ok(None),

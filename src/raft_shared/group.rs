@@ -206,7 +206,11 @@ pub(crate) fn error_kind(err: &Error) -> std::io::ErrorKind {
     match err {
         Error::Io { source, .. } => source.kind(),
         Error::NoSpace { .. } => ErrorKind::StorageFull,
-        Error::InvalidArgument(_) => ErrorKind::InvalidInput,
+        Error::NonContiguousAppend { .. }
+        | Error::IndexOverflow { .. }
+        | Error::EntryTooLarge { .. }
+        | Error::BatchTooLarge { .. }
+        | Error::InvalidOption { .. } => ErrorKind::InvalidInput,
         Error::Corruption { .. } | Error::TornTail { .. } | Error::Checkpoint { .. } => {
             ErrorKind::InvalidData
         }

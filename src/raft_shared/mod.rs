@@ -1,5 +1,5 @@
 //! What the openraft adapters share, whatever the openraft version: the group operations and key
-//! layout ([`GroupCore`](group)), the bincode helpers, the snapshot store, and the reference
+//! layout (`GroupCore`), the bincode helpers, the snapshot store, and the reference
 //! key-value store's requests. `multiraft_wal::raft` (openraft 0.10) and
 //! `multiraft_wal::raft09` (openraft 0.9) are thin layers over these.
 

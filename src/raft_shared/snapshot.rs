@@ -156,6 +156,10 @@ fn parse_name(name: &str) -> Option<(u64, u64)> {
 
 impl SnapshotStore {
     /// Opens (creating if needed) the store in `dir` on the real file system.
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError`] if the directory cannot be created, listed or synced, or a stale file removed.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, SnapshotError> {
         Self::open_with_fs(dir, Arc::new(StdFs))
     }
@@ -165,6 +169,10 @@ impl SnapshotStore {
     /// Removes temporary files and every snapshot file older than its group's newest one (left
     /// by a crash between a new snapshot's rename and the old one's removal), then fsyncs the
     /// directory if anything was removed.
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError`] if the directory cannot be created, listed or synced, or a stale file removed.
     pub fn open_with_fs(
         dir: impl AsRef<Path>,
         fs: Arc<dyn FileSystem>,
@@ -256,6 +264,10 @@ impl SnapshotStore {
     /// Stores a snapshot of `group` durably and returns its sequence number. Blocks for two
     /// fsyncs (the file, then the directory) and one more after removing the group's previous
     /// snapshot.
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError`] for any failed write, fsync, rename or removal; the snapshot is durable only if this returns `Ok`.
     pub fn save(&self, group: u64, meta: &[u8], data: &[u8]) -> Result<u64, SnapshotError> {
         let inner = &self.inner;
         let meta_len = u32::try_from(meta.len()).map_err(|_| {
@@ -318,6 +330,10 @@ impl SnapshotStore {
     }
 
     /// Reads `group`'s newest snapshot, checking its CRC; `None` if the group has none.
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError`] for an I/O error or a file that fails its CRC or framing checks.
     pub fn load(&self, group: u64) -> Result<Option<StoredSnapshot>, SnapshotError> {
         let Some(seq) = self.inner.latest.lock().get(&group).copied() else {
             return Ok(None);
@@ -393,6 +409,10 @@ impl SnapshotStore {
     }
 
     /// Removes every snapshot of `group` (when the group itself is dropped).
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError`] if a file cannot be removed or the directory synced.
     pub fn remove_group(&self, group: u64) -> Result<(), SnapshotError> {
         let Some(seq) = self.inner.latest.lock().remove(&group) else {
             return Ok(());
@@ -408,6 +428,10 @@ impl SnapshotStore {
     /// Runs `job` on one of the store's worker threads and awaits its result: how the async
     /// calls do blocking file work without occupying a runtime thread. The job may also encode
     /// or decode (CPU work that should not hold a runtime thread either).
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError::Closed`] if the worker threads are gone; otherwise `job`'s own error.
     pub async fn run<T, F>(&self, job: F) -> Result<T, SnapshotError>
     where
         T: Send + 'static,
@@ -425,6 +449,10 @@ impl SnapshotStore {
     }
 
     /// [`SnapshotStore::save`] on a worker thread.
+    ///
+    /// # Errors
+    ///
+    /// As [`SnapshotStore::save`], and [`SnapshotError::Closed`] if the worker threads are gone.
     pub async fn save_async(
         &self,
         group: u64,
@@ -436,6 +464,10 @@ impl SnapshotStore {
     }
 
     /// [`SnapshotStore::load`] on a worker thread.
+    ///
+    /// # Errors
+    ///
+    /// As [`SnapshotStore::load`], and [`SnapshotError::Closed`] if the worker threads are gone.
     pub async fn load_async(&self, group: u64) -> Result<Option<StoredSnapshot>, SnapshotError> {
         let store = self.clone();
         self.run(move || store.load(group)).await

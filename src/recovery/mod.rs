@@ -46,6 +46,7 @@ use seal::Seal;
 
 /// A range of bytes recovery skipped in [`RecoveryMode::TolerateAny`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SkippedRange {
     /// Segment id.
     pub segment: u64,
@@ -57,8 +58,21 @@ pub struct SkippedRange {
     pub reason: String,
 }
 
+/// A torn tail recovery cut off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TailCut {
+    /// The segment id.
+    pub segment: u64,
+    /// Where the cut starts (the end of the last intact record).
+    pub offset: u64,
+    /// Bytes dropped.
+    pub bytes: u64,
+}
+
 /// What [`Engine::open`](crate::Engine::open) found and did.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct RecoveryReport {
     /// Segments scanned.
     pub segments: usize,
@@ -68,9 +82,8 @@ pub struct RecoveryReport {
     pub entries: u64,
     /// Bytes of segment files scanned.
     pub bytes: u64,
-    /// A torn tail cut off: (segment, offset where the cut starts, bytes dropped). Only bytes
-    /// past the last proven-durable point are ever cut.
-    pub tail_cut: Option<(u64, u64, u64)>,
+    /// A torn tail cut off. Only bytes past the last proven-durable point are ever cut.
+    pub tail_cut: Option<TailCut>,
     /// Damaged ranges skipped ([`RecoveryMode::TolerateAny`] only).
     pub skipped: Vec<SkippedRange>,
     /// Segments removed because the checkpoint had already made them dead.
@@ -333,7 +346,11 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
             s.file
                 .set_len(s.parts.valid_end)
                 .map_err(|e| Error::io(format!("cutting the torn tail of segment {}", s.id), e))?;
-            report.tail_cut = Some((s.id, s.parts.valid_end, s.file_len - s.parts.valid_end));
+            report.tail_cut = Some(TailCut {
+                segment: s.id,
+                offset: s.parts.valid_end,
+                bytes: s.file_len - s.parts.valid_end,
+            });
         }
         // A segment holding records that ends in zeros (the log was closed or crashed while it
         // was active) is sealed now, as a rotation would: cut to its last record, so later
@@ -542,7 +559,7 @@ mod tests {
             Err(Error::TornTail { segment: 1, .. })
         ));
         let r = recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)).unwrap();
-        assert_eq!(r.report.tail_cut.map(|c| c.1), Some(synced_to));
+        assert_eq!(r.report.tail_cut.map(|c| c.offset), Some(synced_to));
         assert_eq!(r.groups[&1].entries.range(), Range { first: 1, len: 2 });
         assert_eq!(r.report.synced_segments, vec![1]);
     }
@@ -606,7 +623,14 @@ mod tests {
         longer.extend_from_slice(&[0xAB; 40]);
         std::fs::write(&path, &longer).unwrap();
         let r = recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)).unwrap();
-        assert_eq!(r.report.tail_cut, Some((1, end, 40)));
+        assert_eq!(
+            r.report.tail_cut,
+            Some(TailCut {
+                segment: 1,
+                offset: end,
+                bytes: 40
+            })
+        );
         // The sealed segment deleted: missing, not an empty log.
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(

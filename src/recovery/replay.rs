@@ -173,7 +173,10 @@ impl OldReplay {
                 };
                 g.entries
                     .try_append(first, run, &spans)
-                    .map_err(|reason| Error::Inconsistent { group: *id, reason })?;
+                    .map_err(|e| Error::Inconsistent {
+                        group: *id,
+                        reason: e.to_string(),
+                    })?;
             }
         }
         Ok(())

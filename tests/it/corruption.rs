@@ -306,7 +306,10 @@ fn open_and_read(dir: &Path, script: &Script, mode: RecoveryMode, prefill: bool)
     let r = catch_unwind(AssertUnwindSafe(|| {
         let engine = Engine::open(dir, options(prefill).recovery_mode(mode))?;
         let seen = observe(&engine, &script.groups);
-        let cut = engine.recovery_report().tail_cut;
+        let cut = engine
+            .recovery_report()
+            .tail_cut
+            .map(|c| (c.segment, c.offset, c.bytes));
         Ok::<_, Error>((seen, cut))
     }));
     match r {

@@ -605,9 +605,13 @@ fn invalid_appends_are_rejected_and_change_nothing() {
     for at in [4u64, 8, 100] {
         let mut b = WriteBatch::new();
         b.put(1, b"k", b"v").append(1, at, [b"x"]);
+        let r = e.write(b);
         assert!(
-            matches!(e.write(b), Err(Error::InvalidArgument(_))),
-            "append at {at}"
+            matches!(
+                r,
+                Err(Error::NonContiguousAppend { group: 1, index, first: 5, next: 7 }) if index == at
+            ),
+            "append at {at}: {r:?}"
         );
     }
     assert_eq!(e.get(1, b"k"), None, "a rejected batch applies nothing");
@@ -784,7 +788,11 @@ fn a_batch_of_one_oversized_entry_is_refused_not_dropped() {
             e.write_unsynced(b)
         };
         assert!(
-            matches!(r, Err(multiraft_wal::Error::InvalidArgument(_))),
+            matches!(
+                r,
+                Err(multiraft_wal::Error::EntryTooLarge { group: 1, index: 1, bytes, .. })
+                    if bytes == (1 << 30) + 1
+            ),
             "an entry over the record limit must be refused, got {r:?}"
         );
     }
@@ -792,10 +800,77 @@ fn a_batch_of_one_oversized_entry_is_refused_not_dropped() {
     let mut b = WriteBatch::new();
     b.append(1, 1, [&big]);
     let r = e.write_async(b, move |r| tx.send(r.is_ok()).unwrap());
-    assert!(matches!(r, Err(multiraft_wal::Error::InvalidArgument(_))));
+    assert!(matches!(r, Err(multiraft_wal::Error::EntryTooLarge { .. })));
     assert!(
         rx.recv().is_err(),
         "the callback of a refused batch is dropped uncalled"
     );
     assert_eq!(e.last_index(1), None);
+}
+
+/// Each misuse is its own typed error, with the values that explain it.
+#[test]
+fn misuse_returns_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // A data directory path that is a regular file.
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let r = Engine::open(&file, small());
+    assert!(
+        matches!(&r, Err(Error::NotADirectory { path }) if path == &file),
+        "{r:?}"
+    );
+    // An option out of range names the option.
+    let r = Engine::open(dir.path().join("d"), Options::default().segment_size(10));
+    assert!(
+        matches!(
+            &r,
+            Err(Error::InvalidOption {
+                option: "segment_size",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(
+        !dir.path().join("d").exists(),
+        "a refused open creates nothing"
+    );
+    // An append whose indexes pass u64::MAX.
+    let e = Engine::open(dir.path().join("e"), small()).unwrap();
+    let mut b = WriteBatch::new();
+    b.append(3, u64::MAX, [b"a", b"b"]);
+    let r = e.write(b);
+    assert!(
+        matches!(
+            r,
+            Err(Error::IndexOverflow {
+                group: 3,
+                index: u64::MAX,
+                count: 2
+            })
+        ),
+        "{r:?}"
+    );
+    // An append before the group's first entry.
+    let mut b = WriteBatch::new();
+    b.append(3, 10, [b"a"]);
+    e.write(b).unwrap();
+    let mut b = WriteBatch::new();
+    b.append(3, 9, [b"z"]);
+    let r = e.write(b);
+    assert!(
+        matches!(
+            r,
+            Err(Error::NonContiguousAppend {
+                group: 3,
+                index: 9,
+                first: 10,
+                next: 11
+            })
+        ),
+        "{r:?}"
+    );
+    let msg = r.unwrap_err().to_string();
+    assert!(msg.contains("group 3") && msg.contains("10..11"), "{msg}");
 }

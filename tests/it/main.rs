@@ -8,6 +8,7 @@
 //! - `golden`: the checked-in version-1 data directory opens with identical content.
 //! - `faults`: EIO and ENOSPC injected at every call site.
 //! - `pipeline`: write groups on a gated file system: no acknowledgement before its fsync.
+//! - `metrics`: the metrics reach an installed recorder (fsyncs, groups, GC, recovery, poison).
 //! - `kill`: SIGKILL a child writer at random points, then check every acknowledged batch.
 //! - `prop_recovery`: seeded proptest of the fuzz inputs: hostile images never panic or lie.
 //! - `recovery_items`: one regression test per recovery item of issue 8 (kill then power cut, lz4 density, ...).
@@ -29,6 +30,7 @@ mod engine;
 mod faults;
 mod golden;
 mod kill;
+mod metrics;
 mod pipeline;
 #[cfg(any(feature = "openraft", feature = "openraft09"))]
 mod probefs;
