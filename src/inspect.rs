@@ -304,10 +304,9 @@ impl fmt::Debug for Inspection {
 fn require_dir(dir: &Path) -> Result<()> {
     let meta = std::fs::metadata(dir).map_err(|e| Error::io(format!("opening {dir:?}"), e))?;
     if !meta.is_dir() {
-        return Err(Error::io(
-            format!("opening {dir:?}"),
-            io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
-        ));
+        return Err(Error::NotADirectory {
+            path: dir.to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -329,6 +328,11 @@ impl Inspection {
     /// Takes a read-only view of `dir` as recovery in `mode` sees it. Fails only if the
     /// directory cannot be listed (a missing path, not a directory, no permission); what
     /// recovery would refuse is reported in [`Inspection::recovery`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if `dir` does not exist or cannot be listed, [`Error::NotADirectory`] if
+    /// it is not a directory. Nothing is created either way.
     pub fn open(
         dir: impl AsRef<Path>,
         mode: RecoveryMode,
@@ -475,6 +479,12 @@ impl Inspection {
     /// Up to `count` entries of `group` from index `from` (its first index if `None`), read
     /// from the files (read-only) and checked: `(index, bytes)` pairs, stopping at the group's
     /// last entry. Fails if recovery would fail, or if a record no longer passes its checks.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unrecoverable`] if recovery in this view's mode fails (see
+    /// [`Inspection::recovery`]); [`Error::Corruption`] if a record no longer passes its
+    /// checks, [`Error::Io`] if it cannot be read.
     pub fn entries(
         &self,
         group: u64,
@@ -745,6 +755,11 @@ impl CheckReport {
 /// names the segment and offset of every problem and classifies damage as a torn tail (past
 /// the last proven-durable point) or damage to durable data. Changes nothing. Fails only if
 /// the directory cannot be listed.
+///
+/// # Errors
+///
+/// [`Error::Io`] if `dir` does not exist or cannot be listed, [`Error::NotADirectory`] if it
+/// is not a directory. Everything found inside it is a [`Problem`], not an error.
 pub fn check(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<CheckReport> {
     let dir = dir.as_ref();
     require_dir(dir)?;
@@ -944,6 +959,10 @@ pub enum RepairPlan {
 }
 
 /// Works out what [`repair`] would do; changes nothing.
+///
+/// # Errors
+///
+/// As [`check`]; [`Error::Locked`] if an engine holds the directory.
 pub fn plan_repair(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<RepairPlan> {
     let dir = dir.as_ref();
     let view = Inspection::open(dir, RecoveryMode::TolerateTail, progress)?;
@@ -1033,6 +1052,13 @@ pub enum RepairOutcome {
 /// [`RecoveryMode::TolerateTail`], or drops damaged records as [`RecoveryMode::TolerateAny`]
 /// would by rebuilding the directory (see [`RepairPlan::Rebuild`]). Afterwards a normal open
 /// succeeds.
+///
+/// # Errors
+///
+/// As [`plan_repair`]; [`Error::StaleRepairPlan`] if the plan differs from `expected`;
+/// [`Error::Repair`] if the plan is [`RepairPlan::Impossible`] or a rebuilt directory does
+/// not check out (the original is then left in place, the half-written one removed); any
+/// error of opening or writing the engine.
 pub fn repair(
     dir: impl AsRef<Path>,
     expected: &RepairPlan,
