@@ -1,4 +1,5 @@
-//! The benchmark workloads of issue 2 (W1–W6), printed as a markdown table.
+//! The benchmark workloads of issue 2 (W1–W6), later ones (W1S, W8, W2', W11), printed as a
+//! markdown table.
 //!
 //! ```text
 //! cargo run --release --example stress                      # everything, W3 with 1 GiB
@@ -32,7 +33,8 @@ struct Args {
     /// afterwards). Default: a directory under the system temp dir. Use a real disk, not tmpfs.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Workloads to run, comma-separated: W1, W1p (or W1'), W2, W3, W4, W5, W6. Default: all.
+    /// Workloads to run, comma-separated: W1, W1p (or W1'), W2, W3, W4, W5, W6, W11. Default:
+    /// all.
     /// W3, W4 and W5 share one write phase and reopen; W6 adds a second write phase.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -68,6 +70,12 @@ struct Args {
     /// seconds; the pause keeps one workload from measuring the previous one's cleanup.
     #[arg(long, default_value_t = 5.0)]
     settle_secs: f64,
+    /// Payload bytes written by W11 (churn). Default: 10 × the segment size.
+    #[arg(long, value_parser = parse_bytes)]
+    w11_bytes: Option<u64>,
+    /// Entries each group keeps in W11 (it purges the older ones).
+    #[arg(long, default_value_t = 1000)]
+    w11_keep: u64,
     /// Also write every figure as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -459,6 +467,144 @@ fn write_phase(args: &Args, dir: &Path, prefill: bool) -> Result<WritePhase> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// W11: churn (issue 10).
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct Churn {
+    prefill: bool,
+    payload_bytes: u64,
+    disk_bytes: u64,
+    amplification: f64,
+    /// Payload bytes of the entries the groups hold at the end.
+    live_bytes: u64,
+    /// Largest sum of the directory's file sizes seen (sampled every 20 ms and after each GC).
+    peak_disk_bytes: u64,
+    /// The same in allocated blocks.
+    peak_alloc_bytes: u64,
+    gc_calls: u64,
+    rewritten_bytes: u64,
+    secs: f64,
+}
+
+/// Sum of the file sizes and of the allocated bytes of the files in `dir`.
+fn dir_usage(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    rd.filter_map(|e| e.ok()?.metadata().ok())
+        .fold((0, 0), |(len, alloc), m| {
+            (len + m.len(), alloc + m.blocks() * 512)
+        })
+}
+
+/// W11: `args.groups` groups append 8 × 256 B per write (2 threads, each owning half of the
+/// groups, round robin) and purge in the same batch so that each keeps its last `w11_keep`
+/// entries, for `w11_bytes` of payload (default 10 × the segment size); each thread syncs every
+/// 64 writes (group commit); the main thread calls `gc()` every 100 ms, as an application
+/// would. Measures `write_bytes` of /proc/self/io per payload byte (before open to after sync
+/// + drop) and the peak disk usage as a multiple of the live data at the end.
+fn w11(args: &Args, dir: &Path, prefill: bool) -> Result<Churn> {
+    const ENTRY: usize = 256;
+    const BATCH: u64 = 8;
+    const THREADS: u64 = 2;
+    let payload = Arc::new(Payload::new(args.compressible));
+    let bytes = args.w11_bytes.unwrap_or(10 * args.segment_size);
+    let total_batches = (bytes / (ENTRY as u64 * BATCH)).max(1);
+    let keep = args.w11_keep;
+    let io_before = io_write_bytes()?;
+    let start = Instant::now();
+    let engine = Engine::open(dir, options(args, prefill)).context("opening engine")?;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for t in 0..THREADS {
+        let engine = engine.clone();
+        let payload = payload.clone();
+        let owned: Vec<u64> = (0..args.groups).filter(|g| g % THREADS == t).collect();
+        let mine = total_batches / THREADS + u64::from(t < total_batches % THREADS);
+        handles.push(std::thread::spawn(move || -> Result<()> {
+            let mut rng = Rng::new(1100 + t);
+            let mut next = vec![1u64; owned.len()];
+            for w in 0..mine {
+                let slot = (w % owned.len() as u64) as usize;
+                let g = owned[slot] + 1;
+                let mut batch = WriteBatch::new();
+                batch.append(
+                    g,
+                    next[slot],
+                    (0..BATCH).map(|_| payload.entry(&mut rng, ENTRY)),
+                );
+                next[slot] += BATCH;
+                let last = next[slot] - 1;
+                if last > keep {
+                    batch.purge_to(g, last - keep);
+                }
+                engine.write_unsynced(batch)?;
+                if w % 64 == 63 {
+                    engine.sync()?;
+                }
+            }
+            Ok(())
+        }));
+    }
+    let sampler = {
+        let dir = dir.to_path_buf();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = (0u64, 0u64);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let (l, a) = dir_usage(&dir);
+                peak = (peak.0.max(l), peak.1.max(a));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let mut gc_calls = 0;
+    let mut rewritten_bytes = 0;
+    let mut peak = (0u64, 0u64);
+    while !handles.iter().all(|h| h.is_finished()) {
+        std::thread::sleep(Duration::from_millis(100));
+        let r = engine.gc().context("gc")?;
+        gc_calls += 1;
+        rewritten_bytes += r.rewritten_bytes;
+        let (l, a) = dir_usage(dir);
+        peak = (peak.0.max(l), peak.1.max(a));
+    }
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    }
+    let r = engine.gc().context("gc")?;
+    gc_calls += 1;
+    rewritten_bytes += r.rewritten_bytes;
+    engine.sync().context("final sync")?;
+    let live_bytes = engine.stats().entries * ENTRY as u64;
+    let (l, a) = dir_usage(dir);
+    peak = (peak.0.max(l), peak.1.max(a));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sampled = sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
+    peak = (peak.0.max(sampled.0), peak.1.max(sampled.1));
+    drop(engine);
+    let secs = start.elapsed().as_secs_f64();
+    let disk_bytes = io_write_bytes()? - io_before;
+    let payload_bytes = total_batches * BATCH * ENTRY as u64;
+    Ok(Churn {
+        prefill,
+        payload_bytes,
+        disk_bytes,
+        amplification: disk_bytes as f64 / payload_bytes as f64,
+        live_bytes,
+        peak_disk_bytes: peak.0,
+        peak_alloc_bytes: peak.1,
+        gc_calls,
+        rewritten_bytes,
+        secs,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Reopen (W3), index memory (W4) and gets (W5), in a fresh child process.
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -577,6 +723,7 @@ struct Results {
     w5_p50_us: Option<f64>,
     w5_p99_us: Option<f64>,
     w6: Vec<WritePhase>,
+    w11: Vec<Churn>,
 }
 
 fn wanted(args: &Args, w: &str) -> bool {
@@ -739,6 +886,19 @@ fn main() -> Result<()> {
             r.w6.push(write_phase(&args, &dir.0, !args.prefill)?);
         }
     }
+    if wanted(&args, "W11") {
+        for prefill in [args.prefill, !args.prefill] {
+            settle(&args);
+            let dir = TempDir::new(&base, "w11")?;
+            progress!(
+                "W11: churn, {} groups keeping {} entries, {} MiB, prefill {prefill} ...",
+                args.groups,
+                args.w11_keep,
+                args.w11_bytes.unwrap_or(10 * args.segment_size) >> 20
+            );
+            r.w11.push(w11(&args, &dir.0, prefill)?);
+        }
+    }
     let _ = std::fs::remove_dir(&base);
     progress!("done");
 
@@ -863,6 +1023,25 @@ fn print_table(args: &Args, r: &Results) {
                 );
             }
         }
+    }
+    for w in &r.w11 {
+        println!(
+            "| W11 churn | {} groups × 8 × 256 B per write, each keeping its last {} entries (purge in the same batch), 2 threads, sync every 64 writes, `gc()` every 100 ms ({} calls, {} KiB rewritten), {} MiB of payload, {:.1} s; segment_size {} MiB, prefill {} | {:.3} bytes on disk per payload byte; peak disk {} MiB (allocated {} MiB) = {:.2}× the {} MiB live at the end | ≤ 1.1 | — | {} |",
+            args.groups,
+            args.w11_keep,
+            w.gc_calls,
+            w.rewritten_bytes >> 10,
+            w.payload_bytes >> 20,
+            w.secs,
+            args.segment_size >> 20,
+            w.prefill,
+            w.amplification,
+            w.peak_disk_bytes >> 20,
+            w.peak_alloc_bytes >> 20,
+            w.peak_disk_bytes as f64 / w.live_bytes.max(1) as f64,
+            w.live_bytes >> 20,
+            mark(w.amplification <= 1.1)
+        );
     }
     if wanted(args, "W6") {
         for w in &r.w6 {

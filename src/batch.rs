@@ -39,6 +39,18 @@ impl WriteBatch {
         Self::default()
     }
 
+    /// Whether every op only gives space back (purge, truncate, remove group): such a batch may
+    /// use the reserve a full disk keeps for it (see `pipeline`).
+    pub(crate) fn only_frees(&self) -> bool {
+        !self.ops.is_empty()
+            && self.ops.iter().all(|op| {
+                matches!(
+                    op,
+                    Op::Purge { .. } | Op::Truncate { .. } | Op::RemoveGroup { .. }
+                )
+            })
+    }
+
     /// Appends entries `first_index, first_index + 1, ...` to `group`. A group holding entries
     /// accepts `first_index` from its first index up to one past its last (an overlap replaces
     /// the old tail); an empty group accepts any index. An empty iterator adds nothing.

@@ -1,11 +1,17 @@
-//! The checkpoint: every group's metadata (entry range, vote, committed marker, keys) as of the
-//! start of one segment, written atomically (temp file, fsync, rename, fsync directory).
+//! The checkpoint: every group's metadata (entry range, vote, committed marker, keys) as of one
+//! position of the log, written atomically (temp file, fsync, rename, fsync directory).
+//!
+//! A checkpoint *covers* the log below a position `(S, O)`: every record of the segments below
+//! `S`, and the records of segment `S` that start below offset `O` (version 2; a version 1 file
+//! covers whole segments, read as `O` = the segment header's length).
 //!
 //! Invariants:
-//! - A checkpoint covering segments below `S` reflects exactly the state after every record of
-//!   every segment below `S`, and lists which of those segments still exist (`survivors`).
-//! - It is made durable before any segment it makes deletable is removed, so whatever recovery
+//! - A checkpoint covering the log below `(S, O)` reflects exactly the state after every record
+//!   below that position, and lists which segments below `S` still exist (`survivors`).
+//! - It is stored only once every record below `(S, O)` is durable (its effects are in it), and
+//!   it is made durable before any segment it makes deletable is removed, so whatever recovery
 //!   needs from a deleted segment (first index, vote, committed, keys) is in the checkpoint.
+//! - A failed store leaves no temporary file behind (a full disk must not fill up further).
 
 #![deny(clippy::indexing_slicing, clippy::cast_possible_truncation)]
 
@@ -15,12 +21,16 @@ use crate::codec::Reader;
 use crate::error::{Error, Result};
 use crate::fs::FileSystem;
 use crate::index::Range;
+use crate::segment::SEGMENT_HEADER_LEN;
 
 /// File name of the checkpoint.
 pub const CHECKPOINT_NAME: &str = "CHECKPOINT";
 const CHECKPOINT_TMP: &str = "CHECKPOINT.tmp";
 const MAGIC: [u8; 8] = *b"MRWALCKP";
-const VERSION: u32 = 1;
+/// The version written: 2 adds the offset inside the covering segment.
+const VERSION: u32 = 2;
+/// The first version, still read (whole segments covered).
+const VERSION_1: u32 = 1;
 
 /// Keys and values of a group.
 pub(crate) type KeyValues = Vec<(Box<[u8]>, Box<[u8]>)>;
@@ -37,7 +47,11 @@ pub(crate) struct GroupMeta {
 /// A decoded checkpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Checkpoint {
+    /// The segment `S` of the covered position.
     pub(crate) covers_below: u64,
+    /// The offset `O` in segment `S`: its records starting below `O` are covered
+    /// (`SEGMENT_HEADER_LEN`: none of them, the version 1 meaning).
+    pub(crate) covers_offset: u64,
     pub(crate) survivors: Vec<u64>,
     pub(crate) groups: Vec<(u64, GroupMeta)>,
 }
@@ -95,6 +109,7 @@ impl Checkpoint {
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&self.covers_below.to_le_bytes());
+        out.extend_from_slice(&self.covers_offset.to_le_bytes());
         out.extend_from_slice(&(self.survivors.len() as u64).to_le_bytes());
         for s in &self.survivors {
             out.extend_from_slice(&s.to_le_bytes());
@@ -131,11 +146,20 @@ impl Checkpoint {
         if r.take(8).map_err(|e| e.to_string())? != MAGIC {
             return Err("bad magic".into());
         }
-        if u32_at(&mut r)? != VERSION {
-            return Err("unsupported version".into());
+        let version = u32_at(&mut r)?;
+        if version != VERSION && version != VERSION_1 {
+            return Err(format!("unsupported version {version}"));
         }
         let _reserved = u32_at(&mut r)?;
         let covers_below = u64_at(&mut r)?;
+        let covers_offset = if version == VERSION_1 {
+            SEGMENT_HEADER_LEN
+        } else {
+            u64_at(&mut r)?
+        };
+        if covers_offset < SEGMENT_HEADER_LEN || covers_offset > u64::from(u32::MAX) {
+            return Err(format!("covered offset {covers_offset} outside a segment"));
+        }
         let n = u64_at(&mut r)?;
         if n > r.remaining() as u64 / 8 {
             return Err("survivor count exceeds the file".into());
@@ -185,6 +209,7 @@ impl Checkpoint {
         }
         Ok(Checkpoint {
             covers_below,
+            covers_offset,
             survivors,
             groups,
         })
@@ -192,23 +217,36 @@ impl Checkpoint {
 
     /// Writes the checkpoint durably: temp file, fsync, rename over the old one, fsync the
     /// directory.
+    /// A failure before the rename removes the temporary file (best effort), so a full disk is
+    /// not left fuller.
     pub(crate) fn store(&self, fs: &dyn FileSystem, dir: &Path) -> Result<()> {
         let bytes = self.encode();
         let tmp = dir.join(CHECKPOINT_TMP);
         let _ = fs.remove(&tmp);
-        let file = fs
-            .create(&tmp)
-            .map_err(|e| Error::io("creating checkpoint", e))?;
-        file.write_all_at(&bytes, 0)
-            .map_err(|e| Error::io("writing checkpoint", e))?;
-        file.sync_data()
-            .map_err(|e| Error::io("syncing checkpoint", e))?;
-        drop(file);
-        fs.rename(&tmp, &dir.join(CHECKPOINT_NAME))
-            .map_err(|e| Error::io("renaming checkpoint", e))?;
+        let written = (|| {
+            let file = fs
+                .create(&tmp)
+                .map_err(|e| Error::io("creating checkpoint", e))?;
+            file.write_all_at(&bytes, 0)
+                .map_err(|e| Error::io(format!("writing checkpoint ({} bytes)", bytes.len()), e))?;
+            file.sync_data()
+                .map_err(|e| Error::io("syncing checkpoint", e))?;
+            drop(file);
+            fs.rename(&tmp, &dir.join(CHECKPOINT_NAME))
+                .map_err(|e| Error::io("renaming checkpoint", e))
+        })();
+        if let Err(e) = written {
+            let _ = fs.remove(&tmp);
+            return Err(e);
+        }
         fs.sync_dir(dir)
             .map_err(|e| Error::io("syncing directory after checkpoint", e))?;
         Ok(())
+    }
+
+    /// The packed position `(segment << 32) | offset` this checkpoint covers the log below.
+    pub(crate) fn position(&self) -> u64 {
+        (self.covers_below << 32) | (self.covers_offset & 0xFFFF_FFFF)
     }
 
     /// Reads the checkpoint, if there is one.
@@ -260,6 +298,7 @@ mod tests {
     fn roundtrip_and_damage() {
         let c = Checkpoint {
             covers_below: 9,
+            covers_offset: 4321,
             survivors: vec![3, 7],
             groups: vec![
                 (

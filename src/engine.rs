@@ -25,7 +25,9 @@ use crate::fs::{DirLock, FileSystem, FsFile};
 use crate::gc::GcState;
 use crate::index::{EntryLoc, Groups, Run, SegmentRefs};
 use crate::options::Options;
-use crate::pipeline::{pack_flushed, Durability, LogWriter, Queue, Tail};
+use crate::pipeline::{
+    first_reservation, freeing_reserve, pack_flushed, Durability, LogWriter, Queue, Tail,
+};
 use crate::recovery::{recover, seal_clean_shutdown, RecoveryReport, SyncPoint};
 use crate::segment::{create_segment, segment_name, SEGMENT_HEADER_LEN};
 
@@ -101,10 +103,27 @@ impl Drop for Handle {
         if let Err(e) = seal_clean_shutdown(fs, dir, log.segment, log.file.as_ref(), log.offset) {
             tracing::warn!(error = %e, "sealing the active segment at shutdown");
         }
-        let seal = |file: &dyn FsFile, len: u64| file.set_len(len).and_then(|()| file.sync_data());
+        // The next open takes writes in an empty segment left here with the freeing reserve
+        // (see `pipeline`; the seal just gave back the active segment's reserve), so that a
+        // disk that fills up meanwhile neither keeps the engine from opening nor from writing
+        // the purges that free space.
+        let keep = SEGMENT_HEADER_LEN + freeing_reserve(self.inner.opts.segment_size);
+        let trim = |file: &dyn FsFile| {
+            if file.len()? > keep {
+                file.set_len(keep)?;
+            }
+            file.sync_data()
+        };
         if let Some(file) = prepared {
-            if let Err(e) = seal(file.as_ref(), SEGMENT_HEADER_LEN) {
+            if let Err(e) = trim(file.as_ref()) {
                 tracing::warn!(error = %e, "trimming the prepared segment at shutdown");
+            }
+        } else if log.offset > SEGMENT_HEADER_LEN && log.segment < u64::from(u32::MAX) {
+            let next = log.segment + 1;
+            let made = create_segment(fs, dir, next, keep)
+                .or_else(|_| create_segment(fs, dir, next, SEGMENT_HEADER_LEN));
+            if let Err(e) = made {
+                tracing::warn!(error = %e, "leaving an empty segment at shutdown");
             }
         }
     }
@@ -343,11 +362,30 @@ impl Engine {
             Some((id, file)) => (id, file, false),
             None => {
                 // Not prefilled here: opening stays fast; the segments after it are prefilled.
+                // Only the first reservation is taken, and on a full disk not even that: the
+                // header alone lets the engine open (reads, purges and GC need no more).
                 let id = rec.next_segment;
                 if id > u64::from(u32::MAX) {
                     return Err(Error::SegmentIdsExhausted);
                 }
-                let file = create_segment(fs.as_ref(), &dir, id, options.segment_size)?;
+                let size = first_reservation(options.segment_size);
+                let file = match create_segment(fs.as_ref(), &dir, id, size) {
+                    Err(Error::NoSpace { context }) => {
+                        tracing::warn!(%context, "full disk at open: a segment without reserve");
+                        create_segment(fs.as_ref(), &dir, id, SEGMENT_HEADER_LEN).map_err(|e| {
+                            match e {
+                                Error::NoSpace { context } => Error::NoSpace {
+                                    context: format!(
+                                        "{context}; opening wants {SEGMENT_HEADER_LEN} bytes \
+                                         (a segment header) and {size} bytes to take writes"
+                                    ),
+                                },
+                                e => e,
+                            }
+                        })?
+                    }
+                    other => other?,
+                };
                 (id, file, false)
             }
         };
@@ -364,6 +402,9 @@ impl Engine {
             })?;
         }
         files.insert(segment, file.clone());
+        let reserved = file
+            .len()
+            .map_err(|e| Error::io(format!("reading the size of segment {segment}"), e))?;
         let inner = Arc::new(Inner {
             dir,
             fs,
@@ -380,6 +421,7 @@ impl Engine {
                 next: None,
                 prefilled,
                 syncs_in_segment: 0,
+                reserved,
             }),
             tail: RwLock::new(Tail {
                 segment,
@@ -398,12 +440,11 @@ impl Engine {
         });
         inner.refs.rebuild(&inner.groups);
         inner.stats();
-        {
+        // The next segment is prepared only once the active one is half full (see `pipeline`),
+        // unless an empty one was left by the previous run.
+        if let Some((id, file)) = ready_next.filter(|(id, _)| *id == segment + 1) {
             let mut log = inner.log.lock();
-            log.next = Some(match ready_next {
-                Some((id, file)) if id == segment + 1 => inner.prepared(id, file),
-                _ => inner.prepare(segment + 1, false),
-            });
+            log.next = Some(inner.prepared(id, file));
         }
         let flusher_inner = inner.clone();
         let flusher = std::thread::Builder::new()

@@ -11,7 +11,7 @@
 //! - An append never "starts a group afresh": one that does not fit (it would leave a gap or
 //!   start before the group's first entry) is refused and changes nothing.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use parking_lot::RwLock;
 
@@ -416,11 +416,6 @@ impl SegmentRefs {
         *self.counts.lock() = counts;
     }
 
-    /// The segments some run points into.
-    pub(crate) fn referenced(&self) -> BTreeSet<u64> {
-        self.counts.lock().keys().map(|&s| u64::from(s)).collect()
-    }
-
     /// Runs pointing into `segment`.
     pub(crate) fn count(&self, segment: u64) -> u64 {
         u32::try_from(segment)
@@ -437,13 +432,15 @@ pub(crate) struct Group {
     pub(crate) vote: Option<Box<[u8]>>,
     pub(crate) committed: Option<Box<[u8]>>,
     pub(crate) kv: BTreeMap<Box<[u8]>, Box<[u8]>>,
-    /// The segment that received the last write to this group (0: none since open).
-    pub(crate) last_segment: u32,
+    /// The position `(segment << 32) | offset` of the record holding the last write to this
+    /// group (0: none since open).
+    pub(crate) last_pos: u64,
     /// Bumped by every write applied to this group (a GC rewrite checks it did not change).
     pub(crate) version: u64,
-    /// This group's metadata as it was at the start of segment `.0`, saved by the first write
-    /// into that segment while a checkpoint at that boundary is being collected (see `gc`).
-    pub(crate) at_boundary: Option<(u32, Box<crate::checkpoint::GroupMeta>)>,
+    /// This group's metadata as it was at log position `.0` (packed like `last_pos`), saved by
+    /// the first write at or after that position while a checkpoint covering the log below it
+    /// is being collected (see `gc`).
+    pub(crate) at_boundary: Option<(u64, Box<crate::checkpoint::GroupMeta>)>,
 }
 
 /// Where a record lies: what each append of it records in its group's runs.
@@ -454,14 +451,23 @@ pub(crate) struct RecordPos {
     pub(crate) rec_len: u32,
 }
 
+impl RecordPos {
+    /// The record's position packed as `(segment << 32) | offset`: ordered like the log.
+    pub(crate) fn packed(&self) -> u64 {
+        (u64::from(self.segment) << 32) | u64::from(self.rec_off)
+    }
+}
+
 /// What applying ops also maintains besides the groups: the per-segment run counts and, while
 /// a GC checkpoint is being collected, the boundary snapshots (see `gc`). Replay uses the
 /// default (no boundary armed) and rebuilds the counts afterwards.
 #[derive(Debug, Default)]
 pub(crate) struct ApplyCtx {
     pub(crate) refs: RefDelta,
-    /// The boundary of the checkpoint being collected (0: none).
-    pub(crate) armed: u32,
+    /// The packed position of the checkpoint being collected (0: none).
+    pub(crate) armed: u64,
+    /// Groups removed that existed at the armed position, with their metadata as of it.
+    pub(crate) removed: Vec<(u64, crate::checkpoint::GroupMeta)>,
 }
 
 impl Group {
@@ -479,13 +485,14 @@ impl Group {
         }
     }
 
-    /// Notes a write in `segment`; first saves the metadata if a checkpoint at `armed` is being
-    /// collected and this is the group's first write since that boundary.
-    fn touch(&mut self, segment: u32, armed: u32) {
-        if armed != 0 && self.last_segment < armed && segment >= armed {
+    /// Notes a write by the record at packed position `pos`; first saves the metadata if a
+    /// checkpoint at position `armed` is being collected and this is the group's first write at
+    /// or after that position.
+    fn touch(&mut self, pos: u64, armed: u64) {
+        if armed != 0 && self.last_pos < armed && pos >= armed {
             self.at_boundary = Some((armed, Box::new(self.meta())));
         }
-        self.last_segment = segment;
+        self.last_pos = pos;
         self.version += 1;
     }
 }
@@ -507,11 +514,22 @@ pub(crate) fn apply_op<B: Into<Box<[u8]>>>(
     if let Op::RemoveGroup { .. } = op {
         if let Some(mut g) = groups.remove(&group) {
             g.entries.clear_counted(&mut ctx.refs);
+            // A checkpoint being collected must still see the group as it was at its position.
+            if ctx.armed != 0 {
+                if g.last_pos < ctx.armed {
+                    ctx.removed.push((group, g.meta()));
+                } else if let Some((at, meta)) = g.at_boundary.take() {
+                    if at == ctx.armed {
+                        ctx.removed.push((group, *meta));
+                    }
+                }
+            }
         }
         return Ok(());
     }
+    let packed = pos.packed();
     let g = groups.entry(group).or_insert_with(|| Group {
-        last_segment: pos.segment,
+        last_pos: packed,
         ..Group::default()
     });
     match op {
@@ -525,7 +543,7 @@ pub(crate) fn apply_op<B: Into<Box<[u8]>>>(
                 .range()
                 .check_append(first, spans.len() as u64)
                 .map_err(|e| format!("group {group}: {e}"))?;
-            g.touch(pos.segment, ctx.armed);
+            g.touch(packed, ctx.armed);
             let run = Run {
                 first,
                 segment: pos.segment,
@@ -537,28 +555,28 @@ pub(crate) fn apply_op<B: Into<Box<[u8]>>>(
                 .map_err(|e| format!("group {group}: {e}"))?;
         }
         Op::Truncate { index, .. } => {
-            g.touch(pos.segment, ctx.armed);
+            g.touch(packed, ctx.armed);
             g.entries.truncate_counted(index, &mut ctx.refs);
         }
         Op::Purge { index, .. } => {
-            g.touch(pos.segment, ctx.armed);
+            g.touch(packed, ctx.armed);
             g.entries.purge_counted(index, &mut ctx.refs);
         }
         Op::Put { key, value, .. } => {
-            g.touch(pos.segment, ctx.armed);
+            g.touch(packed, ctx.armed);
             g.kv.insert(key.into(), value.into());
         }
         Op::Delete { key, .. } => {
-            g.touch(pos.segment, ctx.armed);
+            g.touch(packed, ctx.armed);
             let key: Box<[u8]> = key.into();
             g.kv.remove(&key);
         }
         Op::Vote { value, .. } => {
-            g.touch(pos.segment, ctx.armed);
+            g.touch(packed, ctx.armed);
             g.vote = Some(value.into());
         }
         Op::Committed { value, .. } => {
-            g.touch(pos.segment, ctx.armed);
+            g.touch(packed, ctx.armed);
             g.committed = Some(value.into());
         }
         Op::RemoveGroup { .. } => {}

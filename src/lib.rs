@@ -37,7 +37,7 @@ pub use batch::WriteBatch;
 pub use durable::DurableWrite;
 pub use engine::{Engine, Stats};
 pub use error::{Error, Result};
-pub use gc::GcReport;
+pub use gc::{GcHolder, GcReport};
 pub use options::{Options, RecoveryMode, MAX_RECORD_BYTES, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE};
 pub use recovery::{RecoveryReport, SkippedRange, TailCut};
 

@@ -148,7 +148,7 @@ impl Default for Options {
                 .map(|n| n.get())
                 .unwrap_or(2),
             prefill_segments: true,
-            gc_rewrite_max_entries: 128,
+            gc_rewrite_max_entries: u64::MAX,
             auto_gc: true,
             file_system: Arc::new(StdFs),
         }
@@ -195,10 +195,12 @@ impl Options {
         self
     }
 
-    /// During [`Engine::gc`](crate::Engine::gc), a group that alone keeps an old segment alive
-    /// and holds at most this many entries is rewritten into the newest segment, so the old one
-    /// can be deleted. Larger groups are reported to the caller instead. 0 disables rewriting.
-    /// Default: 128.
+    /// During [`Engine::gc`](crate::Engine::gc), the groups that keep a sealed segment alive are
+    /// rewritten into the active segment (so the old one can be deleted) when together they
+    /// copy at most a quarter of the bytes the deletion frees; a group holding more than this
+    /// many entries is never rewritten (it is reported in
+    /// [`GcReport::holders`](crate::GcReport) instead). 0 disables rewriting. Default: no limit
+    /// (`u64::MAX`): the byte rule alone decides.
     pub fn gc_rewrite_max_entries(mut self, entries: u64) -> Self {
         self.gc_rewrite_max_entries = entries;
         self

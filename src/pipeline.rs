@@ -22,6 +22,18 @@
 //!   background one rotation ahead, and a zero-fill still running is cancelled, not awaited.
 //! - Nothing here is proportional to the number of groups or entries: a write group costs its
 //!   members' ops, one lock per touched index shard, and O(segments) at rotation.
+//! - Disk space is reserved as the workload needs it: a segment starts with a small reservation
+//!   (1 MiB, or the segment size if smaller) that grows in steps (its current size, 1 to 16 MiB)
+//!   as records reach it, and the next segment is prepared only once the active one is half
+//!   full, or, zero-filled, as soon as the active segment has seen 16 fsyncs (a synced
+//!   workload holds two segments, as before). An idle engine holds 2 MiB (with the freeing
+//!   reserve), not two whole segments.
+//! - On a full disk a batch that only frees space (purge, truncate, remove group) can still be
+//!   written: every segment keeps a *freeing reserve* (a quarter of the segment size, 4 KiB to
+//!   1 MiB) beyond what other batches may use, and such a batch may also go past the segment
+//!   size when no next segment can be created. Other batches are refused with
+//!   [`Error::NoSpace`] (with every later member of their write group, so that what is placed
+//!   is always a prefix that validation saw) and nothing is poisoned.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -43,6 +55,22 @@ const FLUSH_AT: usize = 64 << 10;
 /// fsyncs a segment must see before the engine zero-fills segments ahead: a bulk load that
 /// syncs once at its end is not a synced workload.
 const PREFILL_AFTER_SYNCS: u32 = 16;
+
+/// A segment's first reservation (or the segment size, if smaller) and the bounds of the steps
+/// it grows by.
+const RESERVE_FIRST: u64 = 1 << 20;
+const RESERVE_MAX_STEP: u64 = 16 << 20;
+
+/// Bytes every segment keeps reserved beyond what batches that do not only free space may use:
+/// a quarter of the segment size, 4 KiB to 1 MiB.
+pub(crate) fn freeing_reserve(segment_size: u64) -> u64 {
+    (segment_size / 4).clamp(4 << 10, 1 << 20)
+}
+
+/// The reservation a segment starts with.
+pub(crate) fn first_reservation(segment_size: u64) -> u64 {
+    segment_size.min(RESERVE_FIRST) + freeing_reserve(segment_size)
+}
 
 /// How a writer wants its batch acknowledged.
 pub(crate) enum Durability {
@@ -114,6 +142,8 @@ pub(crate) struct LogWriter {
     pub(crate) prefilled: bool,
     /// fsyncs for durable writes into the active segment (a synced workload makes many).
     pub(crate) syncs_in_segment: u32,
+    /// Bytes of the active segment's file reserved (its length: data, then reserved zeros).
+    pub(crate) reserved: u64,
 }
 
 /// Validates one batch against the index and the ranges earlier members of its write group
@@ -345,11 +375,21 @@ impl Inner {
         let mut marked = false;
         let mut applied = 0;
         let mut failure: Option<Error> = None;
+        // A member refused for want of space refuses every later one (validation saw them
+        // after it).
+        let mut refused: Option<Error> = None;
         for (i, m) in members.iter().enumerate() {
             if results.get(i).is_none_or(|r| r.is_err()) {
                 continue;
             }
+            if let Some(e) = &refused {
+                if let Some(r) = results.get_mut(i) {
+                    *r = Err(e.duplicate());
+                }
+                continue;
+            }
             let len = m.record.len() as u64;
+            let frees = m.batch.only_frees();
             let full = log.offset > SEGMENT_HEADER_LEN && log.offset + len > self.opts.segment_size;
             let upgrade = !log.prefilled
                 && log
@@ -362,12 +402,38 @@ impl Inner {
                 self.apply_placed(members, placed.get(applied..).unwrap_or(&[]));
                 applied = placed.len();
                 split |= !placed.is_empty();
-                if let Err(e) = self.rotate(&mut log) {
-                    failure = Some(e);
-                    break;
+                match self.rotate(&mut log) {
+                    Ok(_) => {
+                        group_start = 0;
+                        marked = false;
+                    }
+                    // No next segment on a full disk (nothing changed): a batch that only
+                    // frees goes into this segment's freeing reserve; others are refused.
+                    Err(e @ Error::NoSpace { .. }) if self.commit.poisoned().is_none() => {
+                        if !(frees && log.offset + len <= log.reserved) {
+                            if let Some(r) = results.get_mut(i) {
+                                *r = Err(e.duplicate());
+                            }
+                            refused = Some(e);
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
                 }
-                group_start = 0;
-                marked = false;
+            }
+            // Space for the record (and, unless it only frees, the freeing reserve after it).
+            let want = log.offset + len + if frees { 0 } else { self.freeing_reserve() };
+            if want > log.reserved {
+                if let Err(e) = self.reserve(&mut log, want) {
+                    if let Some(r) = results.get_mut(i) {
+                        *r = Err(e.duplicate());
+                    }
+                    refused = Some(e);
+                    continue;
+                }
             }
             let mut tail = self.tail.write();
             if !marked {
@@ -390,6 +456,12 @@ impl Inner {
             drop(tail);
             placed.push((i, log.segment, log.offset));
             log.offset += len;
+        }
+        // The next segment is prepared once this one is half full (zero-filled if this one
+        // serves durable writes).
+        if log.next.is_none() && log.offset >= self.opts.segment_size / 2 {
+            let prefill = self.opts.prefill_segments && log.syncs_in_segment >= PREFILL_AFTER_SYNCS;
+            log.next = Some(self.prepare(log.segment + 1, prefill));
         }
         // Writes that want durability go to the file now (so a full disk refuses them, before
         // anything is acknowledged or applied); unsynced ones wait in the buffer until it fills.
@@ -444,6 +516,7 @@ impl Inner {
         let mut ctx = ApplyCtx {
             refs: RefDelta::default(),
             armed: self.gc.armed(),
+            removed: Vec::new(),
         };
         // Each placed member's spans, shifted to record offsets, once.
         let spans: Vec<Vec<EntrySpan>> = placed
@@ -493,6 +566,7 @@ impl Inner {
             }
         }
         self.refs.apply(&ctx.refs);
+        self.gc.note_removed(std::mem::take(&mut ctx.removed));
     }
 
     /// Writes the tail buffer to the active segment's file. Called with the log lock.
@@ -538,11 +612,77 @@ impl Inner {
         Ok(())
     }
 
-    /// Starts preparing segment `id` in the background, zero-filled or only reserved.
+    fn freeing_reserve(&self) -> u64 {
+        freeing_reserve(self.opts.segment_size)
+    }
+
+    /// Grows the active segment's reservation to at least `want` bytes: by a step of its
+    /// current size (1 to 16 MiB), up to the segment size plus the freeing reserve. Called with
+    /// the log lock; one `fallocate`. Returns [`Error::NoSpace`] on a full disk (nothing
+    /// changed); any other failure is logged and ignored (writes then grow the file).
+    fn reserve(&self, log: &mut LogWriter, want: u64) -> Result<()> {
+        let cap = self.opts.segment_size + self.freeing_reserve();
+        let step = log.reserved.clamp(RESERVE_FIRST, RESERVE_MAX_STEP);
+        let target = want.max((log.reserved + step).min(cap));
+        match log.file.allocate(target) {
+            Ok(()) => {
+                log.reserved = target;
+                Ok(())
+            }
+            Err(e) => {
+                let err = Error::io(
+                    format!(
+                        "reserving {target} bytes of segment {} ({} more)",
+                        log.segment,
+                        target.saturating_sub(log.reserved)
+                    ),
+                    e,
+                );
+                if matches!(err, Error::NoSpace { .. }) {
+                    return Err(err);
+                }
+                tracing::warn!(error = %err, "reserving segment space");
+                log.reserved = want;
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives back the space reserved ahead of the data, for a checkpoint on a full disk: the
+    /// prepared next segment (removed; a later write prepares it again) and the active
+    /// segment's reservation beyond its last record (its freeing reserve included; a later
+    /// write reserves again). Failures are logged: this only makes room.
+    pub(crate) fn release_reserved_space(&self) {
+        let mut log = self.log.lock();
+        let next_id = log.next.as_ref().map(|p| p.id);
+        if let Some(id) = next_id {
+            drop(self.stop_preparing(&mut log));
+            let removed = self.fs.remove(&self.dir.join(segment_name(id)));
+            if let Err(e) = removed.and_then(|()| self.fs.sync_dir(&self.dir)) {
+                tracing::warn!(segment = id, error = %e, "giving back the prepared segment");
+            }
+        }
+        if log.reserved > log.offset {
+            match log.file.set_len(log.offset) {
+                Ok(()) => {
+                    log.reserved = log.offset;
+                    log.prefilled = false;
+                }
+                Err(e) => tracing::warn!(error = %e, "giving back the active segment's reserve"),
+            }
+        }
+    }
+
+    /// Starts preparing segment `id` in the background, zero-filled (whole) or with its first
+    /// reservation.
     pub(crate) fn prepare(&self, id: u64, prefill: bool) -> Preparing {
         let fs = self.fs.clone();
         let dir = self.dir.clone();
-        let size = self.opts.segment_size;
+        let size = if prefill {
+            self.opts.segment_size + self.freeing_reserve()
+        } else {
+            first_reservation(self.opts.segment_size)
+        };
         let cancel = Arc::new(AtomicBool::new(false));
         let stop = cancel.clone();
         let handle = std::thread::spawn(move || {
@@ -585,10 +725,13 @@ impl Inner {
             return;
         }
         let Some(pending) = log.next.take() else {
+            // Nothing prepared yet (the segment is not half full): a synced workload wants the
+            // next segment now, zero-filled, and moves to it once it is ready.
+            log.next = Some(self.prepare(log.segment + 1, true));
             return;
         };
         let id = pending.id;
-        let size = self.opts.segment_size;
+        let size = self.opts.segment_size + self.freeing_reserve();
         let cancel = pending.cancel.clone();
         let stop = cancel.clone();
         let handle = std::thread::spawn(move || {
@@ -628,7 +771,8 @@ impl Inner {
         // Prepare failed (or was never started): try once more inline. A leftover file of that
         // id is garbage from the failed attempt.
         let _ = self.fs.remove(&self.dir.join(segment_name(next_id)));
-        let file = create_segment(self.fs.as_ref(), &self.dir, next_id, self.opts.segment_size)?;
+        let size = first_reservation(self.opts.segment_size);
+        let file = create_segment(self.fs.as_ref(), &self.dir, next_id, size)?;
         Ok((file, false))
     }
 
@@ -654,6 +798,7 @@ impl Inner {
         self.commit.guarded_sync(&what, || log.file.sync_data())?;
         self.sync_point.rotated(log.segment, log.offset);
         self.commit.mark_synced(log.written);
+        log.reserved = file.len().unwrap_or(SEGMENT_HEADER_LEN);
         let segments = {
             let mut segments = self.segments.write();
             segments.insert(next_id, file.clone());
@@ -672,15 +817,21 @@ impl Inner {
         }
         self.flushed
             .store(pack_flushed(next_id, SEGMENT_HEADER_LEN), Ordering::Release);
-        // Zero-fill the next segment only if this one served durable writes: a bulk, unsynced
-        // load gains nothing from it and would write every byte twice.
-        let prefill_next =
+        // The segment after it: if the sealed one served durable writes, it is zero-filled now,
+        // a whole segment ahead (a zero-fill started later is often cancelled by the rotation,
+        // and a segment zero-filled whole but then left early by the upgrade rotation doubles
+        // the bytes written); otherwise it is prepared once this one is half full (see
+        // `write_group`), zero-filled only if this one serves durable writes by then. A bulk,
+        // unsynced load gains nothing from zero-filling and would write every byte twice.
+        let synced_workload =
             self.opts.prefill_segments && log.syncs_in_segment >= PREFILL_AFTER_SYNCS;
         log.prefilled = prefilled;
         log.syncs_in_segment = 0;
-        log.next = Some(self.prepare(next_id + 1, prefill_next));
+        if synced_workload {
+            log.next = Some(self.prepare(next_id + 1, true));
+        }
         Ok(if self.opts.auto_gc {
-            self.arm_gc(next_id)
+            self.arm_gc(log)
         } else {
             None
         })

@@ -73,7 +73,8 @@ pub fn check_header(id: u64, bytes: &[u8]) -> std::result::Result<(), &'static s
 
 /// Creates segment `id` in `dir`: writes the header under a temporary name, reserves `size`
 /// bytes, fsyncs the file, renames it into place and fsyncs the directory. Returns the open
-/// file. Zero-filling, when the workload wants it, comes after ([`prefill_segment`]).
+/// file. Zero-filling, when the workload wants it, comes after ([`prefill_segment`]). A failure
+/// removes the temporary file (best effort), and a full disk's error names the bytes wanted.
 pub fn create_segment(
     fs: &dyn FileSystem,
     dir: &Path,
@@ -86,17 +87,28 @@ pub fn create_segment(
     let ctx = |what: &str| format!("{what} segment {id}");
     // A leftover from a crash during an earlier preparation is garbage: replace it.
     let _ = fs.remove(&tmp);
-    let file = fs.create(&tmp).map_err(|e| Error::io(ctx("creating"), e))?;
-    file.write_all_at(&encode_header(id), 0)
-        .map_err(|e| Error::io(ctx("writing header of"), e))?;
-    if size > SEGMENT_HEADER_LEN {
-        file.allocate(size)
-            .map_err(|e| Error::io(ctx("preallocating"), e))?;
-    }
-    file.sync_data()
-        .map_err(|e| Error::io(ctx("syncing new"), e))?;
-    fs.rename(&tmp, &path)
-        .map_err(|e| Error::io(ctx("renaming new"), e))?;
+    let made = (|| {
+        let file = fs.create(&tmp).map_err(|e| Error::io(ctx("creating"), e))?;
+        file.write_all_at(&encode_header(id), 0)
+            .map_err(|e| Error::io(ctx("writing header of"), e))?;
+        if size > SEGMENT_HEADER_LEN {
+            file.allocate(size).map_err(|e| {
+                Error::io(format!("preallocating {size} bytes for segment {id}"), e)
+            })?;
+        }
+        file.sync_data()
+            .map_err(|e| Error::io(ctx("syncing new"), e))?;
+        fs.rename(&tmp, &path)
+            .map_err(|e| Error::io(ctx("renaming new"), e))?;
+        Ok(file)
+    })();
+    let file = match made {
+        Ok(file) => file,
+        Err(e) => {
+            let _ = fs.remove(&tmp);
+            return Err(e);
+        }
+    };
     fs.sync_dir(dir)
         .map_err(|e| Error::io(ctx("syncing directory after creating"), e))?;
     Ok(file)

@@ -693,7 +693,7 @@ fn gc_cmd(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
                 "freed_bytes": r.freed_bytes,
                 "rewritten_groups": r.rewritten_groups,
                 "live_segments": r.live_segments,
-                "holders": r.holders.iter().map(|(g, s, n)| json!({"group": g, "oldest_segment": s, "entries": n})).collect::<Vec<_>>(),
+                "holders": r.holders.iter().map(|h| json!({"group": h.group, "oldest_segment": h.oldest_segment, "live_entries": h.live_entries, "live_bytes": h.live_bytes, "would_free_bytes": h.would_free_bytes})).collect::<Vec<_>>(),
             }))?
         );
         return Ok(ExitCode::SUCCESS);
@@ -715,9 +715,20 @@ fn gc_cmd(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
         let rows: Vec<Vec<String>> = r
             .holders
             .iter()
-            .map(|(g, s, n)| vec![g.to_string(), s.to_string(), n.to_string()])
+            .map(|h| {
+                vec![
+                    h.group.to_string(),
+                    h.oldest_segment.to_string(),
+                    h.live_entries.to_string(),
+                    h.live_bytes.to_string(),
+                    h.would_free_bytes.to_string(),
+                ]
+            })
             .collect();
-        table(&["group", "oldest-seg", "entries"], &rows);
+        table(
+            &["group", "oldest-seg", "entries", "bytes", "would-free"],
+            &rows,
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,8 +13,11 @@
 //! - Before the engine takes writes, every segment whose accepted bytes were not proven durable
 //!   is fsynced, and so is the directory: after a process kill they may still be only in the
 //!   page cache.
-//! - Records of segments below the checkpoint only position entries; the checkpoint supplies
-//!   metadata and the exact entry range each group must end up with.
+//! - Records the checkpoint covers (those of segments below its segment, and those of its segment
+//!   starting below its offset) only position entries; the checkpoint supplies metadata and the
+//!   exact entry range each group must end up with. The covering segment is proven durable up
+//!   to the covered offset (the checkpoint was stored only after those records were durable);
+//!   a covering segment whose records end before it is corruption.
 //! - No length read from disk is used to slice or allocate before it is checked against the
 //!   bytes present; no input makes recovery panic.
 
@@ -187,9 +190,15 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
     let ids: BTreeSet<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
 
     // Which segments must exist, and which the checkpoint already made dead.
-    let (covers_below, survivors): (u64, BTreeSet<u64>) = match &checkpoint {
-        Some(c) => (c.covers_below, c.survivors.iter().copied().collect()),
-        None => (1, BTreeSet::new()),
+    // The checkpoint covers the log below (covers_below, covers_offset): whole segments below
+    // `covers_below`, and the records of that segment starting below `covers_offset`.
+    let (covers_below, covers_offset, survivors): (u64, u64, BTreeSet<u64>) = match &checkpoint {
+        Some(c) => (
+            c.covers_below,
+            c.covers_offset,
+            c.survivors.iter().copied().collect(),
+        ),
+        None => (1, SEGMENT_HEADER_LEN, BTreeSet::new()),
     };
     for &s in &survivors {
         if s >= covers_below || !ids.contains(&s) {
@@ -240,7 +249,28 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
     }
 
     let mut scans = scan_all(fs, dir, &live, opts)?;
-    let durable = durable_points(&scans, seal);
+    let mut durable = durable_points(&scans, seal);
+    // The checkpoint was stored only once every record it covers was durable: the covering
+    // segment is proven durable up to the covered offset, and must hold records up to it.
+    for (s, point) in scans.iter().zip(durable.iter_mut()) {
+        if checkpoint.is_some() && s.id == covers_below && covers_offset > SEGMENT_HEADER_LEN {
+            *point = (*point).max(covers_offset);
+            let end = s
+                .parts
+                .damage
+                .as_ref()
+                .map_or(s.parts.valid_end, |d| d.offset);
+            if end < covers_offset && mode != RecoveryMode::TolerateAny {
+                return Err(Error::corruption(
+                    s.id,
+                    end,
+                    format!(
+                        "the segment's records end at {end} but the checkpoint covers it up to {covers_offset}"
+                    ),
+                ));
+            }
+        }
+    }
 
     if mode != RecoveryMode::TolerateAny {
         check_sealed_lengths(&scans, &durable)?;
@@ -305,7 +335,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
     let mut groups: HashMap<u64, Group> = HashMap::new();
     let mut old = checkpoint
         .as_ref()
-        .map(|c| OldReplay::new(c, &scans, covers_below))
+        .map(|c| OldReplay::new(c, &scans))
         .transpose()?;
     if let Some(c) = &checkpoint {
         for (id, meta) in &c.groups {
@@ -316,15 +346,24 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
         }
     }
     for s in &mut scans {
-        if s.id >= covers_below {
-            if let Some(o) = old.take() {
-                o.finish(&mut groups, mode, &mut report)?;
-            }
-        }
+        // Records starting below this offset are covered by the checkpoint.
+        let old_until = match s.id.cmp(&covers_below) {
+            std::cmp::Ordering::Less => u64::MAX,
+            std::cmp::Ordering::Equal => covers_offset,
+            std::cmp::Ordering::Greater => 0,
+        };
         report.segments += 1;
         report.bytes += s.file_len;
         let records = std::mem::take(&mut s.parts.records);
-        replay_segment(s.id, records, old.as_mut(), &mut groups, mode, &mut report)?;
+        replay_segment(
+            s.id,
+            records,
+            &mut old,
+            old_until,
+            &mut groups,
+            mode,
+            &mut report,
+        )?;
     }
     if let Some(o) = old.take() {
         o.finish(&mut groups, mode, &mut report)?;
@@ -498,6 +537,7 @@ mod tests {
         write_segment(tmp.path(), big, &[append_record(big, 1, 1, 1)]);
         let c = Checkpoint {
             covers_below: big,
+            covers_offset: SEGMENT_HEADER_LEN,
             survivors: vec![1],
             groups: vec![(
                 2,
@@ -516,6 +556,67 @@ mod tests {
                 r.groups[&1].entries.locate(1).map(|l| l.run.segment)
             ),
         }
+    }
+
+    #[test]
+    fn a_checkpoint_inside_a_segment_covers_the_records_before_its_offset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r1 = append_record(1, 1, 1, 2);
+        let r2 = append_record(1, 1, 3, 2);
+        write_segment(tmp.path(), 1, &[r1.clone(), r2.clone()]);
+        let after_r1 = SEGMENT_HEADER_LEN + r1.len() as u64;
+        // Covers r1 only: group 1 held 1..=2 there (the checkpoint says so, with a vote r1 never
+        // wrote); r2 is replayed on top.
+        let c = Checkpoint {
+            covers_below: 1,
+            covers_offset: after_r1,
+            survivors: vec![],
+            groups: vec![(
+                1,
+                GroupMeta {
+                    range: Range { first: 1, len: 2 },
+                    vote: Some((*b"v").into()),
+                    ..GroupMeta::default()
+                },
+            )],
+        };
+        c.store(&StdFs, tmp.path()).unwrap();
+        let r = recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)).unwrap();
+        let g = &r.groups[&1];
+        assert_eq!(g.entries.range(), Range { first: 1, len: 4 });
+        assert_eq!(g.vote.as_deref(), Some(&b"v"[..]));
+        assert_eq!(
+            g.entries.locate(2).unwrap().run.rec_off,
+            SEGMENT_HEADER_LEN as u32
+        );
+        assert_eq!(g.entries.locate(3).unwrap().run.rec_off, after_r1 as u32);
+        // A checkpoint covering more than the segment holds: records it covered were lost.
+        let end = after_r1 + r2.len() as u64;
+        let c = Checkpoint {
+            covers_offset: end + 40,
+            ..c
+        };
+        c.store(&StdFs, tmp.path()).unwrap();
+        match recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)) {
+            Err(Error::Corruption {
+                segment: 1, offset, ..
+            }) => assert_eq!(offset, end),
+            other => panic!("{:?}", other.map(|r| r.report)),
+        }
+        // Damage below the covered offset is corruption, never a torn tail to cut.
+        let c = Checkpoint {
+            covers_offset: end,
+            ..c
+        };
+        c.store(&StdFs, tmp.path()).unwrap();
+        let path = tmp.path().join(segment_name(1));
+        let mut bad = std::fs::read(&path).unwrap();
+        bad[after_r1 as usize + 20] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(matches!(
+            recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)),
+            Err(Error::Corruption { segment: 1, .. })
+        ));
     }
 
     #[test]

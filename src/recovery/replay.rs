@@ -1,8 +1,9 @@
 //! Replay: the scanned records, in segment order, into a fresh index.
 //!
-//! Below the checkpoint, only appends are used: for each index of a group's checkpointed range,
-//! the latest surviving write is its current version (the checkpoint supplies the ranges and the
-//! metadata). At and above it, every op is applied as written, through the same
+//! In the records the checkpoint covers (below its position: segments below its segment, and the
+//! records of its segment starting below its offset), only appends are used: for each index of a
+//! group's checkpointed range, the latest surviving write is its current version (the checkpoint
+//! supplies the ranges and the metadata). At and above it, every op is applied as written, through the same
 //! [`apply_op`](crate::index::apply_op) the write path uses. An append that does not fit its
 //! group is never applied by starting the group afresh: it is [`Error::Inconsistent`], or a
 //! reported skip in [`RecoveryMode::TolerateAny`].
@@ -38,18 +39,14 @@ pub(super) struct OldReplay {
 }
 
 impl OldReplay {
-    pub(super) fn new(
-        c: &Checkpoint,
-        scans: &[SegmentScan],
-        covers_below: u64,
-    ) -> Result<OldReplay> {
-        // Each index of a checkpointed range needs an entry span in a segment below the
-        // checkpoint: the spans decoded there bound every honest range (and bound the slot
-        // vectors allocated below by memory already in use). A bound in bytes would not do:
-        // under lz4 an entry can take far less than a byte of its segment.
+    pub(super) fn new(c: &Checkpoint, scans: &[SegmentScan]) -> Result<OldReplay> {
+        // Each index of a checkpointed range needs an entry span in a record the checkpoint
+        // covers: the spans decoded in the segments up to the covering one bound every honest
+        // range (and bound the slot vectors allocated below by memory already in use). A bound
+        // in bytes would not do: under lz4 an entry can take far less than a byte of its segment.
         let old_spans: u64 = scans
             .iter()
-            .filter(|s| s.id < covers_below)
+            .filter(|s| s.id <= c.covers_below)
             .map(|s| s.parts.records.spans.len() as u64)
             .sum();
         let mut ranges = HashMap::with_capacity(c.groups.len());
@@ -183,11 +180,14 @@ impl OldReplay {
     }
 }
 
-/// Replays one segment's records: into `old` below the checkpoint, else into `groups`.
+/// Replays one segment's records: those starting below `old_until` (the ones the checkpoint
+/// covers) into `old`, the others into `groups`, after finishing `old` (once, at the first
+/// record the checkpoint does not cover).
 pub(super) fn replay_segment(
     id: u64,
     records: Records,
-    old: Option<&mut OldReplay>,
+    old: &mut Option<OldReplay>,
+    old_until: u64,
     groups: &mut HashMap<u64, Group>,
     mode: RecoveryMode,
     report: &mut RecoveryReport,
@@ -195,7 +195,6 @@ pub(super) fn replay_segment(
     let segment = segment_u32(id)?;
     let mut ops = records.ops.into_iter();
     let mut done = 0;
-    let mut old = old;
     for rec in &records.recs {
         report.records += 1;
         let pos = RecordPos {
@@ -203,9 +202,17 @@ pub(super) fn replay_segment(
             rec_off: rec.offset,
             rec_len: rec.len,
         };
+        let covered = u64::from(rec.offset) < old_until;
+        if !covered {
+            if let Some(o) = old.take() {
+                o.finish(groups, mode, report)?;
+            }
+        }
         for op in ops.by_ref().take(rec.ops_end.saturating_sub(done)) {
-            if let Some(o) = old.as_deref_mut() {
-                o.apply(&op, &records.spans, pos);
+            if covered {
+                if let Some(o) = old.as_mut() {
+                    o.apply(&op, &records.spans, pos);
+                }
                 continue;
             }
             let group = op.group();

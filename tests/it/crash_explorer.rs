@@ -643,17 +643,17 @@ pub fn check_recovery(
 }
 
 #[derive(Debug, Default)]
-struct Tally {
-    crash_points: u64,
-    recoveries: u64,
-    second_crashes: u64,
-    writes_after_recovery: u64,
+pub struct Tally {
+    pub crash_points: u64,
+    pub recoveries: u64,
+    pub second_crashes: u64,
+    pub writes_after_recovery: u64,
     /// Process kills followed by a recovery, a write and a power cut.
-    kills: u64,
+    pub kills: u64,
     /// Batches served after a kill that were not acknowledged before it (they must survive the
     /// power cut too).
-    served_unacked: u64,
-    failures: Vec<String>,
+    pub served_unacked: u64,
+    pub failures: Vec<String>,
 }
 
 /// The "process kill, then power cut" variant: the process dies at an I/O point (the live
@@ -723,11 +723,23 @@ fn write_after_recovery(
 fn explore_seed(seed: u64, only_point: Option<u64>, tally: &mut Tally) {
     let prefill = seed % 2 == 1;
     let script = generate(seed, 70, &[1, 2, 3, 77, 1 << 40, 9], 160);
+    explore_script(seed, &script, prefill, only_point, tally);
+}
+
+/// Runs `script` cleanly, then with a power cut at every I/O point (or `only_point`), checking
+/// every recovery (see the module's doc); failures go to `tally`.
+pub fn explore_script(
+    seed: u64,
+    script: &Script,
+    prefill: bool,
+    only_point: Option<u64>,
+    tally: &mut Tally,
+) {
     let n_batches = script.states.len() - 1;
 
     // A clean run: counts the I/O points and checks the model against the live engine.
     let fs = SimFs::new();
-    let clean = run_script(&fs, &script, prefill, true);
+    let clean = run_script(&fs, script, prefill, true);
     for p in &clean.problems {
         tally
             .failures
@@ -735,7 +747,7 @@ fn explore_seed(seed: u64, only_point: Option<u64>, tally: &mut Tally) {
     }
     let points = fs.io_points();
     let img = fs.crash_image(CrashVariant::DropAll, 0);
-    if let Err(e) = check_recovery(&img, &script, prefill, clean.durable, n_batches) {
+    if let Err(e) = check_recovery(&img, script, prefill, clean.durable, n_batches) {
         tally
             .failures
             .push(format!("seed {seed:#x}, clean shutdown then reopen: {e}"));
@@ -759,7 +771,7 @@ fn explore_seed(seed: u64, only_point: Option<u64>, tally: &mut Tally) {
     for k in range {
         let fs = SimFs::new();
         fs.crash_at(k);
-        let run = run_script(&fs, &script, prefill, false);
+        let run = run_script(&fs, script, prefill, false);
         tally.crash_points += 1;
         for p in &run.problems {
             tally
@@ -775,7 +787,7 @@ fn explore_seed(seed: u64, only_point: Option<u64>, tally: &mut Tally) {
         };
         tally.kills += 1;
         tally.recoveries += 2;
-        match kill_then_power_cut(&fs, &script, prefill, &run, variant, seed ^ k) {
+        match kill_then_power_cut(&fs, script, prefill, &run, variant, seed ^ k) {
             Ok(extra) => tally.served_unacked += extra as u64,
             Err(e) => tally.failures.push(format!(
                 "seed {seed:#x}, kill at point {k} then power cut (MRWAL_CRASH_SEED={seed} \
@@ -793,7 +805,7 @@ fn explore_seed(seed: u64, only_point: Option<u64>, tally: &mut Tally) {
             );
             tally.recoveries += 1;
             let (engine, _) =
-                match check_recovery(&img, &script, prefill, run.durable, run.attempted) {
+                match check_recovery(&img, script, prefill, run.durable, run.attempted) {
                     Ok(x) => x,
                     Err(e) => {
                         tally.failures.push(format!("{repro}: {e}"));
@@ -802,7 +814,7 @@ fn explore_seed(seed: u64, only_point: Option<u64>, tally: &mut Tally) {
                 };
             if k % 3 == 0 {
                 tally.writes_after_recovery += 1;
-                if let Err(e) = write_after_recovery(engine, &img, &script, prefill) {
+                if let Err(e) = write_after_recovery(engine, &img, script, prefill) {
                     tally.failures.push(format!("{repro}: {e}"));
                 }
             } else {
@@ -833,8 +845,7 @@ fn explore_seed(seed: u64, only_point: Option<u64>, tally: &mut Tally) {
                 let img2 = second.crash_image(v2, img_seed ^ r);
                 tally.second_crashes += 1;
                 tally.recoveries += 1;
-                if let Err(e) = check_recovery(&img2, &script, prefill, run.durable, run.attempted)
-                {
+                if let Err(e) = check_recovery(&img2, script, prefill, run.durable, run.attempted) {
                     tally.failures.push(format!(
                         "{repro}, second crash at recovery point {r} of {recovery_points} ({v2:?}): {e}"
                     ));

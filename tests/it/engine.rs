@@ -283,7 +283,7 @@ fn gc_rewrites_small_groups_and_reports_big_ones() {
     let r = e.gc().unwrap();
     assert_eq!(r.rewritten_groups, vec![1], "{r:?}");
     assert!(
-        r.holders.iter().any(|h| h.0 == 3),
+        r.holders.iter().any(|h| h.group == 3),
         "group 3 (10 entries) holds GC back: {r:?}"
     );
     drop(e);

@@ -7,6 +7,9 @@
 //!   single fault, `repair` (and its dry run), a mistyped path creates nothing.
 //! - `golden`: the checked-in version-1 data directory opens with identical content.
 //! - `faults`: EIO and ENOSPC injected at every call site.
+//! - `gc`: GC converges (a second gc() makes no mutating call), churn disk usage stays bounded,
+//!   the full-disk sequence (simulated FS, real tmpfs when mountable), power cuts during rewrites
+//!   and mid-segment checkpoints.
 //! - `pipeline`: write groups on a gated file system: no acknowledgement before its fsync.
 //! - `metrics`: the metrics reach an installed recorder (fsyncs, groups, GC, recovery, poison).
 //! - `kill`: SIGKILL a child writer at random points, then check every acknowledged batch.
@@ -28,6 +31,7 @@ mod crash_explorer;
 mod ctl;
 mod engine;
 mod faults;
+mod gc;
 mod golden;
 mod kill;
 mod metrics;

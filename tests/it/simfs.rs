@@ -176,6 +176,8 @@ struct State {
     full: bool,
     /// The disk fills up at the nth call of this kind.
     full_from: Option<(Op, u64)>,
+    /// The most bytes of file contents the disk holds (see [`SimFs::set_capacity`]).
+    capacity: Option<u64>,
     /// Injected faults that fired: the call and the live name(s) of the file it hit.
     fired: Vec<(Op, String)>,
     /// The write left in flight at the crash point: (file, sequence number).
@@ -220,6 +222,28 @@ fn split(path: &Path) -> io::Result<(PathBuf, String)> {
 }
 
 impl State {
+    fn used_bytes(&self) -> u64 {
+        let linked: BTreeSet<Ino> = self
+            .dirs
+            .values()
+            .flat_map(|d| d.live.values().copied())
+            .collect();
+        linked
+            .iter()
+            .filter_map(|ino| self.inodes.get(ino))
+            .map(|i| i.live.len() as u64)
+            .sum()
+    }
+
+    /// Whether growing file `ino` to `len` bytes would pass the capacity.
+    fn over_capacity(&self, ino: Ino, len: u64) -> bool {
+        let Some(cap) = self.capacity else {
+            return false;
+        };
+        let cur = self.inodes.get(&ino).map_or(0, |i| i.live.len() as u64);
+        len > cur && self.used_bytes() + (len - cur) > cap
+    }
+
     /// Counts the call, applies the crash point and injected faults.
     fn enter(&mut self, op: Op) -> io::Result<()> {
         if self.crashed {
@@ -402,6 +426,19 @@ impl SimFs {
         let mut s = self.lock_state();
         s.full = full;
         s.full_from = None;
+    }
+
+    /// With `Some(bytes)`, the disk holds at most `bytes` of file contents (the live lengths of
+    /// the files that have a name): a write, preallocation or length change that would grow a
+    /// file past it fails with ENOSPC (writing nothing); one within a file's current length
+    /// always succeeds, as into blocks already allocated. `None`: unlimited.
+    pub fn set_capacity(&self, bytes: Option<u64>) {
+        self.lock_state().capacity = bytes;
+    }
+
+    /// Bytes of file contents held now (the live lengths of the files that have a name).
+    pub fn used_bytes(&self) -> u64 {
+        self.lock_state().used_bytes()
     }
 
     /// The disk becomes full at the `nth` call of kind `op` (that call fails with ENOSPC if it
@@ -659,6 +696,13 @@ impl SimFile {
                 }
                 return Err(e);
             }
+        }
+        let grows_to = match &op {
+            DataOp::Write { offset, data } => offset + data.len() as u64,
+            DataOp::SetLen(len) | DataOp::Grow(len) => *len,
+        };
+        if s.over_capacity(self.ino, grows_to) {
+            return Err(Fault::Enospc.to_error());
         }
         let seq = s.next_seq();
         let inode = s.inodes.get_mut(&self.ino).ok_or_else(crashed_error)?;
