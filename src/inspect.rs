@@ -187,6 +187,9 @@ pub enum CheckpointState {
     Valid {
         /// Segments below this id are covered by it.
         covers_below: u64,
+        /// Records of segment `covers_below` starting below this offset are covered too
+        /// (the segment header's length: none).
+        covers_offset: u64,
         /// Segments below `covers_below` that must still exist.
         survivors: Vec<u64>,
         /// Groups it holds metadata for.
@@ -370,6 +373,7 @@ impl Inspection {
             Ok(None) => CheckpointState::Absent,
             Ok(Some(c)) => CheckpointState::Valid {
                 covers_below: c.covers_below,
+                covers_offset: c.covers_offset,
                 survivors: c.survivors.clone(),
                 groups: c.groups.len(),
                 bytes: std::fs::metadata(dir.join(CHECKPOINT_NAME)).map_or(0, |m| m.len()),
@@ -806,7 +810,15 @@ pub fn check(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<CheckRepo
         .sum();
     progress.expect(live_bytes);
     let opts = Options::default().prefill_segments(false);
-    let (checks, sealed_rule) = verify_segments(&fs, dir, &view.live, seal, &opts);
+    let covered = match &view.checkpoint {
+        CheckpointState::Valid {
+            covers_below,
+            covers_offset,
+            ..
+        } => Some((*covers_below, *covers_offset)),
+        _ => None,
+    };
+    let (checks, sealed_rule) = verify_segments(&fs, dir, &view.live, seal, covered, &opts);
     let mut segments = Vec::with_capacity(checks.len());
     for c in &checks {
         let file = segment_name(c.id);
