@@ -33,8 +33,8 @@ struct Args {
     /// afterwards). Default: a directory under the system temp dir. Use a real disk, not tmpfs.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Workloads to run, comma-separated: W1, W1p (or W1'), W2, W3, W4, W5, W6, W11. Default:
-    /// all.
+    /// Workloads to run, comma-separated: W1, W1p (or W1'), W2, W3, W4, W5, W5p (or W5'), W6,
+    /// W11. Default: all.
     /// W3, W4 and W5 share one write phase and reopen; W6 adds a second write phase.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -399,6 +399,11 @@ struct WritePhase {
     write_secs: f64,
     disk_bytes: u64,
     amplification: f64,
+    /// `stats().cache_bytes` / `cache_appends` at the end of the phase (before the drop).
+    #[serde(default)]
+    cache_bytes: u64,
+    #[serde(default)]
+    cache_appends: u64,
 }
 
 const W3_ENTRY: usize = 256;
@@ -446,7 +451,8 @@ fn write_phase(args: &Args, dir: &Path, prefill: bool) -> Result<WritePhase> {
         h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
     }
     engine.sync().context("final sync")?;
-    let entries = engine.stats().entries;
+    let stats = engine.stats();
+    let entries = stats.entries;
     drop(engine);
     let write_secs = start.elapsed().as_secs_f64();
     let disk_bytes = io_write_bytes()? - io_before;
@@ -463,6 +469,8 @@ fn write_phase(args: &Args, dir: &Path, prefill: bool) -> Result<WritePhase> {
         write_secs,
         disk_bytes,
         amplification: disk_bytes as f64 / payload_bytes as f64,
+        cache_bytes: stats.cache_bytes,
+        cache_appends: stats.cache_appends,
     })
 }
 
@@ -605,6 +613,80 @@ fn w11(args: &Args, dir: &Path, prefill: bool) -> Result<Churn> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// W5': hot gets while a writer appends.
+
+const W5P_TAIL: u64 = 64;
+
+/// Every group first gets 64 entries of 256 B; then one writer thread appends unsynced batches
+/// of 8 × 256 B round-robin over the groups while this thread runs `args.gets` `entry` calls
+/// for one of the last 64 entries of a random group (as the writer last published it).
+fn w5_hot(args: &Args, dir: &Path) -> Result<(Lat, u64)> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let engine = Engine::open(dir, options(args, args.prefill)).context("opening engine")?;
+    let payload = Arc::new(Payload::new(args.compressible));
+    let groups = args.groups as usize;
+    let last: Arc<Vec<AtomicU64>> = Arc::new((0..groups).map(|_| AtomicU64::new(0)).collect());
+    let mut rng = Rng::new(55);
+    for (g, l) in last.iter().enumerate() {
+        let mut batch = WriteBatch::new();
+        batch.append(
+            g as u64 + 1,
+            1,
+            (0..W5P_TAIL).map(|_| payload.entry(&mut rng, W3_ENTRY)),
+        );
+        engine.write_unsynced(batch)?;
+        l.store(W5P_TAIL, Ordering::Release);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (engine, payload, last, stop) =
+            (engine.clone(), payload.clone(), last.clone(), stop.clone());
+        std::thread::spawn(move || -> Result<u64> {
+            let mut rng = Rng::new(56);
+            let (mut writes, mut g) = (0u64, 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                let l = last[g].load(Ordering::Relaxed);
+                let mut batch = WriteBatch::new();
+                batch.append(
+                    g as u64 + 1,
+                    l + 1,
+                    (0..W3_BATCH).map(|_| payload.entry(&mut rng, W3_ENTRY)),
+                );
+                engine.write_unsynced(batch)?;
+                last[g].store(l + W3_BATCH as u64, Ordering::Release);
+                writes += 1;
+                g = (g + 1) % last.len();
+            }
+            Ok(writes)
+        })
+    };
+    let mut lat = Vec::with_capacity(args.gets);
+    let mut bad = None;
+    for _ in 0..args.gets {
+        let g = rng.below(groups as u64) as usize;
+        let index = last[g].load(Ordering::Acquire) - rng.below(W5P_TAIL);
+        let t0 = Instant::now();
+        let e = engine.entry(g as u64 + 1, index);
+        lat.push(t0.elapsed().as_nanos() as u64);
+        if !matches!(&e, Ok(Some(e)) if e.len() == W3_ENTRY) {
+            bad = Some(format!(
+                "entry {index} of group {} came back as {e:?}",
+                g + 1
+            ));
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    if let Some(bad) = bad {
+        bail!("W5': {bad}");
+    }
+    Ok((summarize(lat), writes))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Reopen (W3), index memory (W4) and gets (W5), in a fresh child process.
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -722,6 +804,8 @@ struct Results {
     w5_mean_us: Option<f64>,
     w5_p50_us: Option<f64>,
     w5_p99_us: Option<f64>,
+    /// W5' hot gets and the writes the writer made meanwhile.
+    w5p: Option<(Lat, u64)>,
     w6: Vec<WritePhase>,
     w11: Vec<Churn>,
 }
@@ -828,6 +912,13 @@ fn main() -> Result<()> {
         progress!("W2': unsynced appends of one 128 B entry, 1 thread ...");
         let w = timed_writes(&args, &base, "w2p", 1, 1, 128, false, args.groups)?;
         r.scale.push(("W2' 1 thread unsynced 128 B".into(), w));
+        settle(&args);
+    }
+    if wanted(&args, "W5P") {
+        progress!("W5': hot gets of the last 64 entries while a writer appends ...");
+        let dir = TempDir::new(&base, "w5p")?;
+        r.w5p = Some(w5_hot(&args, &dir.0)?);
+        drop(dir);
         settle(&args);
     }
     let reopen_wanted = ["W3", "W4", "W5"].iter().any(|w| wanted(&args, w));
@@ -1006,7 +1097,9 @@ fn print_table(args: &Args, r: &Results) {
                 r.w4_rss_trimmed_bytes_per_entry,
             ) {
                 println!(
-                    "| W4 index memory | after the W3 reopen, in a fresh process: (a) `stats().index_bytes / entries` = heap of the positions and runs; (b) VmRSS growth across `Engine::open` / entries = index + group maps + threads + free memory the allocator kept from recovery's temporaries; (c) the same after `malloc_trim(0)` | (a) {ix:.1}, (b) {rss:.1}, (c) {trim:.1} B/entry | ≤ 16 B/entry | ≈ 56 B/entry (RSS growth) | (a) {}, (b) {}, (c) {} |",
+                    "| W4 index memory | after the W3 reopen, in a fresh process: (a) `stats().index_bytes / entries` = heap of the positions and runs; (b) VmRSS growth across `Engine::open` / entries = index + group maps + threads + free memory the allocator kept from recovery's temporaries; (c) the same after `malloc_trim(0)`; (d) the entry cache, counted apart: `stats().cache_bytes` at the end of the W3 write phase (budget `Options::cache_bytes`, default 64 MiB; a reopened engine's cache is empty, so (a)–(c) hold none of it) | (a) {ix:.1}, (b) {rss:.1}, (c) {trim:.1} B/entry; (d) cache {:.1} MiB in {} appends | ≤ 16 B/entry | ≈ 56 B/entry (RSS growth) | (a) {}, (b) {}, (c) {} |",
+                    wp.cache_bytes as f64 / (1u64 << 20) as f64,
+                    wp.cache_appends,
                     mark(ix <= 16.0),
                     mark(rss <= 16.0),
                     mark(trim <= 16.0)
@@ -1041,6 +1134,18 @@ fn print_table(args: &Args, r: &Results) {
             w.peak_disk_bytes as f64 / w.live_bytes.max(1) as f64,
             w.live_bytes >> 20,
             mark(w.amplification <= 1.1)
+        );
+    }
+    if let Some((lat, writes)) = &r.w5p {
+        println!(
+            "| W5' hot get | {} groups with 64 entries of 256 B each, then 1 writer thread appends unsynced batches of 8 × 256 B round-robin ({writes} writes during the gets) while 1 thread runs {} `entry(group, index)` of one of the last 64 entries of a random group; {opts} | mean {:.3} µs, p50 {:.3} µs, p99 {:.3} µs | ≤ 0.3 µs | - | mean {}, p50 {} |",
+            args.groups,
+            args.gets,
+            lat.mean_us,
+            lat.p50_us,
+            lat.p99_us,
+            mark(lat.mean_us <= 0.3),
+            mark(lat.p50_us <= 0.3)
         );
     }
     if wanted(args, "W6") {

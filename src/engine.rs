@@ -17,7 +17,10 @@ use std::thread::JoinHandle;
 
 use parking_lot::{Mutex, RwLock};
 
+use bytes::Bytes;
+
 use crate::batch::WriteBatch;
+use crate::cache::EntryCache;
 use crate::codec::{verify_record, RecordHeader, RECORD_HEADER_LEN};
 use crate::commit::Commit;
 use crate::error::{Error, Result};
@@ -148,6 +151,8 @@ pub(crate) struct Inner {
     pub(crate) flushed: AtomicU64,
     pub(crate) commit: Commit,
     pub(crate) gc: GcState,
+    /// The entry cache's budget and eviction queue (each group holds its cached payloads).
+    pub(crate) cache: EntryCache,
     /// Serializes calls of [`Engine::gc`].
     pub(crate) gc_serial: Mutex<()>,
     /// The id of the segment receiving writes (a hint read outside the log lock).
@@ -168,6 +173,12 @@ pub struct Stats {
     pub entries: u64,
     /// Heap bytes of the entry index (positions and runs), excluding the group maps themselves.
     pub index_bytes: u64,
+    /// Bytes charged to the entry cache ([`Options::cache_bytes`]): cached payloads, 64 bytes
+    /// per cached append and the unused capacity of the payload buffers. At most the budget
+    /// after every write; an upper bound of the memory the cache keeps alive.
+    pub cache_bytes: u64,
+    /// Appends whose payload the entry cache holds, over all groups.
+    pub cache_appends: u64,
     /// Segment files on disk.
     pub segments: usize,
     /// Id of the segment receiving writes.
@@ -190,15 +201,17 @@ impl Inner {
             for g in shard.values() {
                 s.entries += g.entries.range().len;
                 s.index_bytes += g.entries.heap_bytes() as u64;
+                s.cache_appends += g.cache.len() as u64;
             }
         }
+        s.cache_bytes = inner.cache.charged();
         s.segments = inner.segments.read().len();
         let log = inner.log.lock();
         s.active_segment = log.segment;
         s.written_batches = log.written;
         drop(log);
         s.synced_batches = inner.commit.synced();
-        crate::telemetry::state(s.segments, s.groups, s.index_bytes);
+        crate::telemetry::state(s.segments, s.groups, s.index_bytes, s.cache_bytes);
         s
     }
 
@@ -234,10 +247,23 @@ impl Inner {
                 }
             }
         }
-        let mut buf = vec![0u8; run.rec_len as usize];
-        file.read_exact_at(&mut buf, off)
-            .map_err(|e| Error::io(format!("reading segment {seg} at {off}"), e))?;
-        Ok(buf)
+        // A sealed segment (below the active one; rotation cut and synced it before moving
+        // on) is read from its memory mapping, where the file system has one.
+        let sealed = seg < self.active_segment.load(Ordering::Acquire);
+        let read = if sealed && self.opts.mmap_reads {
+            file.read_sealed_vec_at(run.rec_len as usize, off)
+        } else {
+            file.read_vec_at(run.rec_len as usize, off)
+        };
+        read.map_err(|e| Error::io(format!("reading segment {seg} at {off}"), e))
+    }
+
+    /// Entry `loc` copied out of its record (read whole and checked). Measured: copying the
+    /// record out of a mapping and checking the copy beats checking it in place (the copy
+    /// streams the cold lines in; the checksum then runs on warm ones).
+    fn read_entry(&self, file: &dyn FsFile, loc: &EntryLoc) -> Result<Vec<u8>> {
+        let raw = self.read_record(file, &loc.run)?;
+        Self::slice(&raw, loc)
     }
 
     /// Reads and checks the record at `run`; returns its raw (decompressed) body.
@@ -264,22 +290,91 @@ impl Inner {
     }
 
     fn slice(raw: &RawBody, loc: &EntryLoc) -> Result<Vec<u8>> {
-        let start = raw.start + loc.span.off as usize;
-        let end = start + loc.span.len as usize;
-        raw.buf.get(start..end).map(<[u8]>::to_vec).ok_or_else(|| {
-            Error::corruption(
-                u64::from(loc.run.segment),
-                u64::from(loc.run.rec_off),
-                "entry outside its record",
-            )
-        })
+        raw.range(loc).map(|r| raw.buf[r].to_vec())
     }
+
+    /// Where the entries of `group` in `range` are (see [`Engine::entries`]): cached bytes, or
+    /// a record to read (its segment's file taken under the group's lock, so a concurrent GC
+    /// cannot remove it from under the read).
+    fn locate_range(
+        &self,
+        group: u64,
+        range: StdRange<u64>,
+        max_bytes: usize,
+    ) -> Result<(Vec<Piece>, SegmentFiles)> {
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut files: SegmentFiles = Vec::new();
+        self.groups
+            .read(group, |g| -> Result<()> {
+                let mut bytes = 0usize;
+                for index in range {
+                    if !pieces.is_empty() && bytes >= max_bytes {
+                        break;
+                    }
+                    let Some(loc) = g.entries.locate(index) else {
+                        break;
+                    };
+                    bytes = bytes.saturating_add(loc.span.len as usize);
+                    if let Some(b) = g.cache.get(&loc) {
+                        pieces.push(Piece::Cached(b));
+                        continue;
+                    }
+                    if !files.iter().any(|(s, _)| *s == loc.run.segment) {
+                        files.push((loc.run.segment, self.segment_file(loc.run.segment)?));
+                    }
+                    pieces.push(Piece::Disk(loc));
+                }
+                Ok(())
+            })
+            .transpose()?;
+        Ok((pieces, files))
+    }
+}
+
+/// Where [`Engine::entry`] finds its entry.
+enum Located {
+    Copied(Vec<u8>),
+    Cached(Bytes),
+    Disk(EntryLoc, Arc<dyn FsFile>),
+}
+
+/// The segment files a range read needs, by segment id.
+type SegmentFiles = Vec<(u32, Arc<dyn FsFile>)>;
+
+/// Where a range read finds one entry.
+enum Piece {
+    /// In the entry cache.
+    Cached(Bytes),
+    /// In the record `loc.run` names, to be read.
+    Disk(EntryLoc),
 }
 
 /// A record's raw body: `buf[start..]`.
 struct RawBody {
     buf: Vec<u8>,
     start: usize,
+}
+
+impl RawBody {
+    /// The range of `buf` holding the entry at `loc`; an entry outside the record is corruption.
+    fn range(&self, loc: &EntryLoc) -> Result<StdRange<usize>> {
+        let start = self.start + loc.span.off as usize;
+        let end = start + loc.span.len as usize;
+        if end <= self.buf.len() {
+            Ok(start..end)
+        } else {
+            Err(Error::corruption(
+                u64::from(loc.run.segment),
+                u64::from(loc.run.rec_off),
+                "entry outside its record",
+            ))
+        }
+    }
+
+    /// The body as shared bytes (no copy): every entry of the record is then a slice of it.
+    fn into_bytes(self) -> (Bytes, usize) {
+        (Bytes::from(self.buf), self.start)
+    }
 }
 
 impl Engine {
@@ -431,6 +526,7 @@ impl Engine {
             flushed: AtomicU64::new(pack_flushed(segment, SEGMENT_HEADER_LEN)),
             commit: Commit::default(),
             gc: GcState::default(),
+            cache: EntryCache::new(options.cache_bytes),
             gc_serial: Mutex::new(()),
             active_segment: AtomicU64::new(segment),
             sync_point: SyncPoint::after_recovery(rec.last_sealed),
@@ -534,67 +630,140 @@ impl Engine {
     }
 
     /// Entry `index` of `group`, or `None` if the group does not hold it.
+    ///
+    /// Served from the entry cache when the entry is recent (no system call); otherwise its
+    /// record is read, its checksum verified, and the entry copied out.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Corruption`] naming the segment and record offset when the record fails its
+    /// checks; [`Error::Io`] when reading fails.
     pub fn entry(&self, group: u64, index: u64) -> Result<Option<Vec<u8>>> {
+        match self.locate_one(group, index, true)? {
+            None => Ok(None),
+            Some(Located::Copied(v)) => Ok(Some(v)),
+            Some(Located::Cached(b)) => Ok(Some(b.to_vec())),
+            Some(Located::Disk(loc, file)) => {
+                self.inner().read_entry(file.as_ref(), &loc).map(Some)
+            }
+        }
+    }
+
+    /// [`Engine::entry`] as shared bytes: a slice of the cached payload (no copy at all), or the
+    /// entry copied out of its record.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::entry`].
+    pub fn entry_bytes(&self, group: u64, index: u64) -> Result<Option<Bytes>> {
+        match self.locate_one(group, index, false)? {
+            None => Ok(None),
+            Some(Located::Copied(v)) => Ok(Some(Bytes::from(v))),
+            Some(Located::Cached(b)) => Ok(Some(b)),
+            // One entry: copied out of its record, so the record's buffer is not kept alive.
+            Some(Located::Disk(loc, file)) => self
+                .inner()
+                .read_entry(file.as_ref(), &loc)
+                .map(|v| Some(Bytes::from(v))),
+        }
+    }
+
+    /// Finds entry `index` of `group`: cached bytes (copied out under the group's lock if
+    /// `copy`), or its location and segment file.
+    fn locate_one(&self, group: u64, index: u64, copy: bool) -> Result<Option<Located>> {
         let inner = self.inner();
-        let found = inner.groups.read(group, |g| {
-            g.entries
-                .locate(index)
-                .map(|loc| (loc, inner.segment_file(loc.run.segment)))
-        });
-        let Some(Some((loc, file))) = found else {
-            return Ok(None);
-        };
-        let raw = inner.read_record(file?.as_ref(), &loc.run)?;
-        Inner::slice(&raw, &loc).map(Some)
+        inner
+            .groups
+            .read(group, |g| {
+                let loc = g.entries.locate(index)?;
+                let cached = if copy {
+                    g.cache.copy(&loc).map(Located::Copied)
+                } else {
+                    g.cache.get(&loc).map(Located::Cached)
+                };
+                Some(match cached {
+                    Some(found) => Ok(found),
+                    None => inner
+                        .segment_file(loc.run.segment)
+                        .map(|f| Located::Disk(loc, f)),
+                })
+            })
+            .flatten()
+            .transpose()
     }
 
     /// Entries of `group` from `range.start`, contiguous, stopping before `range.end`, at the
     /// first index the group does not hold, or once the payload bytes returned reach
     /// `max_bytes`. At least one entry is returned when the group holds `range.start`.
+    ///
+    /// Copies every entry out; [`Engine::entries_bytes`] returns the same without copying.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::entry`].
     pub fn entries(
         &self,
         group: u64,
         range: StdRange<u64>,
         max_bytes: usize,
     ) -> Result<Vec<Vec<u8>>> {
+        Ok(self
+            .entries_bytes(group, range, max_bytes)?
+            .iter()
+            .map(|b| b.to_vec())
+            .collect())
+    }
+
+    /// [`Engine::entries`] as shared bytes, without a per-entry allocation or copy: cached
+    /// entries are slices of the cached payloads; the others are slices of their record, read
+    /// and verified once per record for the whole range.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::entry`].
+    pub fn entries_bytes(
+        &self,
+        group: u64,
+        range: StdRange<u64>,
+        max_bytes: usize,
+    ) -> Result<Vec<Bytes>> {
         let inner = self.inner();
-        let mut locs: Vec<(EntryLoc, Arc<dyn FsFile>)> = Vec::new();
-        inner
-            .groups
-            .read(group, |g| -> Result<()> {
-                let mut bytes = 0usize;
-                let mut file: Option<(u32, Arc<dyn FsFile>)> = None;
-                for index in range.clone() {
-                    if !locs.is_empty() && bytes >= max_bytes {
-                        break;
-                    }
-                    let Some(loc) = g.entries.locate(index) else {
-                        break;
-                    };
-                    let f = match &file {
-                        Some((seg, f)) if *seg == loc.run.segment => f.clone(),
-                        _ => {
-                            let f = inner.segment_file(loc.run.segment)?;
-                            file = Some((loc.run.segment, f.clone()));
-                            f
-                        }
-                    };
-                    bytes += loc.span.len as usize;
-                    locs.push((loc, f));
+        let (pieces, files) = inner.locate_range(group, range, max_bytes)?;
+        let mut out = Vec::with_capacity(pieces.len());
+        let mut current: Option<(Run, Bytes, usize)> = None;
+        for piece in pieces {
+            let loc = match piece {
+                Piece::Cached(b) => {
+                    out.push(b);
+                    continue;
                 }
-                Ok(())
-            })
-            .transpose()?;
-        let mut out = Vec::with_capacity(locs.len());
-        let mut current: Option<(Run, RawBody)> = None;
-        for (loc, file) in &locs {
-            if current.as_ref().is_none_or(|(run, _)| *run != loc.run) {
-                let raw = inner.read_record(file.as_ref(), &loc.run)?;
-                current = Some((loc.run, raw));
+                Piece::Disk(loc) => loc,
+            };
+            let (bytes, start) = match &current {
+                Some((run, bytes, start)) if *run == loc.run => (bytes, *start),
+                _ => {
+                    let file = files
+                        .iter()
+                        .find(|(s, _)| *s == loc.run.segment)
+                        .map(|(_, f)| f.clone())
+                        .ok_or(Error::MissingSegment {
+                            segment: u64::from(loc.run.segment),
+                        })?;
+                    let (bytes, start) = inner.read_record(file.as_ref(), &loc.run)?.into_bytes();
+                    let (_, bytes, start) = current.insert((loc.run, bytes, start));
+                    (&*bytes, *start)
+                }
+            };
+            let from = start + loc.span.off as usize;
+            let to = from + loc.span.len as usize;
+            if to > bytes.len() {
+                return Err(Error::corruption(
+                    u64::from(loc.run.segment),
+                    u64::from(loc.run.rec_off),
+                    "entry outside its record",
+                ));
             }
-            if let Some((_, raw)) = &current {
-                out.push(Inner::slice(raw, loc)?);
-            }
+            out.push(bytes.slice(from..to));
         }
         Ok(out)
     }

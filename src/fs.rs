@@ -27,6 +27,22 @@ pub trait FsFile: Send + Sync + fmt::Debug {
     ///
     /// The OS error; `UnexpectedEof` if the file ends before `offset + buf.len()`.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Reads exactly `len` bytes at `offset` into a new buffer; fails with `UnexpectedEof` past
+    /// the end. The default zero-fills the buffer and calls [`FsFile::read_exact_at`]; [`StdFs`]
+    /// reads straight into the buffer's uninitialised capacity (the engine's read path).
+    fn read_vec_at(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+    /// Reads like [`FsFile::read_vec_at`] from a file the caller knows is sealed: its bytes never
+    /// change again and it is never cut while this handle lives, except through this handle's
+    /// own `set_len`, `write_all_at` or `allocate`. The default is [`FsFile::read_vec_at`];
+    /// [`StdFs`] serves it from a read-only memory mapping of the file, made on the first call
+    /// (see [`StdFs`] for what that changes on I/O errors).
+    fn read_sealed_vec_at(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+        self.read_vec_at(len, offset)
+    }
     /// Writes all of `buf` at `offset`, growing the file if needed.
     ///
     /// # Errors
@@ -117,12 +133,116 @@ pub trait FileSystem: Send + Sync + fmt::Debug + 'static {
 }
 
 /// The real file system, through `std::fs` (and `fallocate` for preallocation on Linux).
+///
+/// Reads of sealed segments ([`FsFile::read_sealed_vec_at`]) come from a read-only shared
+/// memory mapping of the file, made on the first such read: a copy out of the page cache with
+/// no system call. What that means:
+/// - Deleting the file (GC) is safe: the mapping keeps the inode alive until the handle is
+///   dropped, as an open descriptor does.
+/// - Cutting or rewriting it through the same handle is safe: `set_len`, `write_all_at` and
+///   `allocate` first wait for the reads in progress and drop the mapping (later reads use
+///   `pread`). The engine never cuts or rewrites a sealed segment.
+/// - What no process can guard against: another process truncating a segment file while it is
+///   mapped makes the next read of the lost pages raise SIGBUS, and a disk error while a page
+///   is read in (a page-cache miss) raises SIGBUS instead of returning `EIO`: the process dies
+///   instead of getting [`Error::Io`](crate::Error). Other engines are kept out by the
+///   directory lock; `Options::mmap_reads(false)` turns the mapping off where a failing disk
+///   must surface as an error.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StdFs;
 
 #[derive(Debug)]
 struct StdFile {
     file: std::fs::File,
+    /// The read-only mapping serving `read_sealed_vec_at`, once made (`None` inside: mapping
+    /// failed or was dropped; reads use `pread`).
+    map: parking_lot::RwLock<Option<Option<mapping::Mapping>>>,
+}
+
+impl StdFile {
+    fn new(file: std::fs::File) -> StdFile {
+        StdFile {
+            file,
+            map: parking_lot::RwLock::new(None),
+        }
+    }
+
+    /// Drops the mapping (before the file is written or cut), waiting for reads from it.
+    fn unmap(&self) {
+        let mut map = self.map.write();
+        if map.is_some() {
+            *map = Some(None);
+        }
+    }
+}
+
+/// The one place with `unsafe` code in the crate: a read-only `mmap` of a file and reads from
+/// it.
+#[allow(unsafe_code)]
+mod mapping {
+    use std::ffi::c_void;
+    use std::io;
+
+    /// A `PROT_READ`, `MAP_SHARED` mapping of the first `len` bytes of a file.
+    #[derive(Debug)]
+    pub(super) struct Mapping {
+        ptr: *mut c_void,
+        len: usize,
+    }
+
+    // SAFETY: the mapping is read-only and owned by this value; reading it from several threads
+    // at once is reading shared immutable memory.
+    unsafe impl Send for Mapping {}
+    // SAFETY: as above; `get` hands out shared borrows only.
+    unsafe impl Sync for Mapping {}
+
+    impl Mapping {
+        /// Maps the first `len` (> 0) bytes of `file` read-only.
+        pub(super) fn new(file: &std::fs::File, len: usize) -> io::Result<Mapping> {
+            if len == 0 {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty file"));
+            }
+            // SAFETY: a new mapping at an address the kernel picks (null hint, no MAP_FIXED), so
+            // no existing memory is touched; the descriptor is open for reading.
+            let ptr = unsafe {
+                rustix::mm::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    rustix::mm::ProtFlags::READ,
+                    rustix::mm::MapFlags::SHARED,
+                    file,
+                    0,
+                )
+            }?;
+            Ok(Mapping { ptr, len })
+        }
+
+        /// Bytes `offset .. offset + len` of the mapping, if it covers them.
+        pub(super) fn get(&self, offset: u64, len: usize) -> Option<&[u8]> {
+            let start = usize::try_from(offset).ok()?;
+            if start.checked_add(len)? > self.len {
+                return None;
+            }
+            // SAFETY: `ptr .. ptr + self.len` stays mapped readable until `self` is dropped,
+            // which the borrow of `self` prevents; `start + len <= self.len`. The file is not
+            // cut below `self.len` while mapped: `StdFile` drops the mapping (under its write
+            // lock, which this borrow's read lock excludes) before any `set_len`, `write_all_at`
+            // or `allocate`, and the engine maps only sealed segments, which nothing else in
+            // the process writes. Another process cutting the file is outside what any mapping
+            // can guard (see `StdFs`).
+            Some(unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>().add(start), len) })
+        }
+    }
+
+    impl Drop for Mapping {
+        fn drop(&mut self) {
+            // SAFETY: `ptr` and `len` come from the successful `mmap` in `new`; unmapped once,
+            // here, and no borrow from `get` outlives `self`.
+            if let Err(e) = unsafe { rustix::mm::munmap(self.ptr, self.len) } {
+                tracing::warn!(error = %e, "munmap of a segment mapping failed");
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -137,7 +257,60 @@ impl FsFile for StdFile {
         std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
     }
 
+    fn read_vec_at(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+        // pread into the spare capacity: no zero-fill of bytes the read overwrites anyway.
+        // `spare_capacity` extends the length by exactly the bytes the kernel wrote (safe API).
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            let at = offset + buf.len() as u64;
+            match rustix::io::pread(&self.file, rustix::buffer::spare_capacity(&mut buf), at) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "failed to fill whole buffer",
+                    ))
+                }
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // A buffer given more capacity than asked may have read past `len`.
+        buf.truncate(len);
+        Ok(buf)
+    }
+
+    fn read_sealed_vec_at(&self, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+        {
+            let map = self.map.read();
+            match &*map {
+                Some(Some(m)) => {
+                    if let Some(bytes) = m.get(offset, len) {
+                        return Ok(bytes.to_vec());
+                    }
+                    return self.read_vec_at(len, offset);
+                }
+                Some(None) => return self.read_vec_at(len, offset),
+                None => {}
+            }
+        }
+        {
+            let mut map = self.map.write();
+            if map.is_none() {
+                let len = self.file.metadata()?.len();
+                let made = usize::try_from(len)
+                    .map_err(io::Error::other)
+                    .and_then(|len| mapping::Mapping::new(&self.file, len));
+                if let Err(e) = &made {
+                    tracing::debug!(error = %e, "segment not mapped; reads use pread");
+                }
+                *map = Some(made.ok());
+            }
+        }
+        self.read_sealed_vec_at(len, offset)
+    }
+
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.unmap();
         std::os::unix::fs::FileExt::write_all_at(&self.file, buf, offset)
     }
 
@@ -146,6 +319,7 @@ impl FsFile for StdFile {
     }
 
     fn allocate(&self, len: u64) -> io::Result<()> {
+        self.unmap();
         #[cfg(target_os = "linux")]
         {
             match rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), 0, len) {
@@ -162,6 +336,7 @@ impl FsFile for StdFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        self.unmap();
         self.file.set_len(len)
     }
 
@@ -181,7 +356,7 @@ impl FileSystem for StdFs {
             .write(true)
             .create_new(true)
             .open(path)?;
-        Ok(Arc::new(StdFile { file }))
+        Ok(Arc::new(StdFile::new(file)))
     }
 
     fn open(&self, path: &Path) -> io::Result<Arc<dyn FsFile>> {
@@ -189,7 +364,7 @@ impl FileSystem for StdFs {
             .read(true)
             .write(true)
             .open(path)?;
-        Ok(Arc::new(StdFile { file }))
+        Ok(Arc::new(StdFile::new(file)))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -230,5 +405,41 @@ impl FileSystem for StdFs {
             )),
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_reads_survive_cutting_rewriting_and_deleting_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg");
+        let f = StdFs.create(&path).unwrap();
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        f.write_all_at(&data, 0).unwrap();
+        // The first sealed read maps the file; reads past its end fail cleanly.
+        assert_eq!(f.read_sealed_vec_at(100, 4000).unwrap(), &data[4000..4100]);
+        assert_eq!(f.read_vec_at(100, 4000).unwrap(), &data[4000..4100]);
+        let e = f.read_sealed_vec_at(100, 8150).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        // Deleting the path keeps the mapping readable.
+        StdFs.remove(&path).unwrap();
+        assert_eq!(f.read_sealed_vec_at(10, 8000).unwrap(), &data[8000..8010]);
+        // Cutting through the handle drops the mapping first: no SIGBUS, a clean EOF.
+        f.set_len(100).unwrap();
+        assert_eq!(f.read_sealed_vec_at(50, 0).unwrap(), &data[..50]);
+        let e = f.read_sealed_vec_at(10, 4096).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        // Rewriting through the handle is seen by later reads.
+        f.write_all_at(b"new bytes", 10).unwrap();
+        assert_eq!(f.read_sealed_vec_at(9, 10).unwrap(), b"new bytes");
+        // A rewrite after a fresh mapping drops it too.
+        let g = StdFs.create(&dir.path().join("seg2")).unwrap();
+        g.write_all_at(&data, 0).unwrap();
+        assert_eq!(g.read_sealed_vec_at(4, 0).unwrap(), &data[..4]);
+        g.write_all_at(b"XYZW", 0).unwrap();
+        assert_eq!(g.read_sealed_vec_at(4, 0).unwrap(), b"XYZW");
     }
 }

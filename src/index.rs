@@ -348,6 +348,17 @@ impl EntryIndex {
         self.runs.iter().map(|r| r.segment)
     }
 
+    /// Whether some run names the record at (`segment`, `rec_off`). O(log runs): runs are
+    /// sorted by record position as well as by index (both follow append order).
+    pub(crate) fn names(&self, segment: u32, rec_off: u32) -> bool {
+        let at = self
+            .runs
+            .partition_point(|r| (r.segment, r.rec_off) < (segment, rec_off));
+        self.runs
+            .get(at)
+            .is_some_and(|r| (r.segment, r.rec_off) == (segment, rec_off))
+    }
+
     pub(crate) fn oldest_segment(&self) -> Option<u32> {
         self.runs.iter().map(|r| r.segment).min()
     }
@@ -441,6 +452,9 @@ pub(crate) struct Group {
     /// the first write at or after that position while a checkpoint covering the log below it
     /// is being collected (see `gc`).
     pub(crate) at_boundary: Option<(u64, Box<crate::checkpoint::GroupMeta>)>,
+    /// The payloads of this group's recent appends (see `cache`); filled by the write path
+    /// only, trimmed here whenever runs are dropped.
+    pub(crate) cache: crate::cache::GroupCache,
 }
 
 /// Where a record lies: what each append of it records in its group's runs.
@@ -553,14 +567,17 @@ pub(crate) fn apply_op<B: Into<Box<[u8]>>>(
             g.entries
                 .try_append_counted(first, run, spans, &mut ctx.refs)
                 .map_err(|e| format!("group {group}: {e}"))?;
+            g.cache.retain(&g.entries);
         }
         Op::Truncate { index, .. } => {
             g.touch(packed, ctx.armed);
             g.entries.truncate_counted(index, &mut ctx.refs);
+            g.cache.retain(&g.entries);
         }
         Op::Purge { index, .. } => {
             g.touch(packed, ctx.armed);
             g.entries.purge_counted(index, &mut ctx.refs);
+            g.cache.retain(&g.entries);
         }
         Op::Put { key, value, .. } => {
             g.touch(packed, ctx.armed);

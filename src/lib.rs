@@ -8,6 +8,7 @@
 )]
 
 mod batch;
+mod cache;
 mod checkpoint;
 mod codec;
 mod commit;
@@ -34,11 +35,16 @@ mod segment;
 mod telemetry;
 
 pub use batch::WriteBatch;
+/// The shared byte buffer [`Engine::entry_bytes`] and [`Engine::entries_bytes`] return.
+pub use bytes::Bytes;
 pub use durable::DurableWrite;
 pub use engine::{Engine, Stats};
 pub use error::{Error, Result};
 pub use gc::{GcHolder, GcReport};
-pub use options::{Options, RecoveryMode, MAX_RECORD_BYTES, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE};
+pub use options::{
+    Options, RecoveryMode, DEFAULT_CACHE_BYTES, MAX_RECORD_BYTES, MAX_SEGMENT_SIZE,
+    MIN_SEGMENT_SIZE,
+};
 pub use recovery::{RecoveryReport, SkippedRange, TailCut};
 
 /// Entry points for fuzzers and property tests: decoding arbitrary bytes must never panic.

@@ -14,6 +14,8 @@ use crate::fs::{FileSystem, StdFs};
 pub const MAX_RECORD_BYTES: u64 = 1 << 30;
 /// Largest segment target size (records start below 2 GiB, end below 4 GiB).
 pub const MAX_SEGMENT_SIZE: u64 = 2 << 30;
+/// Default byte budget of the entry cache ([`Options::cache_bytes`]).
+pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 /// Smallest segment target size.
 pub const MIN_SEGMENT_SIZE: u64 = 4096;
 
@@ -90,6 +92,9 @@ pub struct Options {
     pub(crate) prefill_segments: bool,
     pub(crate) gc_rewrite_max_entries: u64,
     pub(crate) auto_gc: bool,
+    #[cfg_attr(feature = "serde", serde(with = "size"))]
+    pub(crate) cache_bytes: u64,
+    pub(crate) mmap_reads: bool,
     #[cfg_attr(feature = "serde", serde(skip))]
     pub(crate) file_system: Arc<dyn FileSystem>,
 }
@@ -133,6 +138,8 @@ impl fmt::Debug for Options {
             .field("prefill_segments", &self.prefill_segments)
             .field("gc_rewrite_max_entries", &self.gc_rewrite_max_entries)
             .field("auto_gc", &self.auto_gc)
+            .field("cache_bytes", &self.cache_bytes)
+            .field("mmap_reads", &self.mmap_reads)
             .field("file_system", &self.file_system)
             .finish()
     }
@@ -150,6 +157,8 @@ impl Default for Options {
             prefill_segments: true,
             gc_rewrite_max_entries: u64::MAX,
             auto_gc: true,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            mmap_reads: true,
             file_system: Arc::new(StdFs),
         }
     }
@@ -214,6 +223,33 @@ impl Options {
         self
     }
 
+    /// Byte budget of the entry cache: the entries written most recently are served from
+    /// memory (no system call, no checksum) until this many bytes of newer writes push them
+    /// out, oldest first. The bytes counted are the cached payloads, a fixed 64 bytes per
+    /// cached append, and the unused capacity of the batches' payload buffers; see
+    /// [`Stats::cache_bytes`](crate::Stats). 0 turns the cache off. Default: 64 MiB, enough for
+    /// a leader to replicate and apply what it wrote in the last seconds at a few hundred MB/s
+    /// of appends.
+    pub fn cache_bytes(mut self, bytes: u64) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// Whether reads of sealed segments (every segment but the one receiving writes) may come
+    /// from a read-only memory mapping of the file ([`FsFile::read_sealed_vec_at`]): a copy
+    /// out of the page cache instead of a `pread` system call. The record's checksum is
+    /// verified either way. With [`StdFs`], a disk error while a mapped page is read in raises
+    /// SIGBUS (the process dies) instead of returning [`Error::Io`](crate::Error), and another
+    /// process truncating a live segment file does the same; set `false` where a failing disk
+    /// must surface as an error. Default: true.
+    ///
+    /// [`FsFile::read_sealed_vec_at`]: crate::fs::FsFile::read_sealed_vec_at
+    /// [`StdFs`]: crate::fs::StdFs
+    pub fn mmap_reads(mut self, on: bool) -> Self {
+        self.mmap_reads = on;
+        self
+    }
+
     /// The file system all I/O goes through. Default: [`StdFs`].
     pub fn file_system(mut self, fs: Arc<dyn FileSystem>) -> Self {
         self.file_system = fs;
@@ -257,12 +293,16 @@ mod tests {
             compression-threshold = 4096
             recovery-mode = "strict"
             auto-gc = false
+            cache-bytes = "16 MiB"
+            mmap-reads = false
         "#;
         let o: Options = toml::from_str(text).expect("parses");
         assert_eq!(o.segment_size, 64 << 20);
         assert_eq!(o.compression_threshold, 4096);
         assert_eq!(o.recovery_mode, RecoveryMode::Strict);
         assert!(!o.auto_gc);
+        assert_eq!(o.cache_bytes, 16 << 20);
+        assert!(!o.mmap_reads);
         // Missing keys keep their defaults.
         let d = Options::default();
         assert_eq!(o.gc_rewrite_max_entries, d.gc_rewrite_max_entries);

@@ -86,6 +86,8 @@ pub(crate) enum Durability {
 pub(crate) struct Request {
     batch: WriteBatch,
     record: Vec<u8>,
+    /// The batch's payload buffer, for the entry cache (the record holds its own copy).
+    payload: crate::cache::Payload,
     /// The CRC of `record` for the segment that was active when it was framed.
     crc: (u64, u32),
     sync: bool,
@@ -222,7 +224,7 @@ impl Syncer for Inner {
 impl Inner {
     /// Writes `batch` with the given durability; returns when the batch is written (and, for
     /// [`Durability::Sync`], durable).
-    pub(crate) fn submit(&self, batch: WriteBatch, durability: Durability) -> Result<()> {
+    pub(crate) fn submit(&self, mut batch: WriteBatch, durability: Durability) -> Result<()> {
         if let Some(e) = batch.too_large() {
             return Err(e);
         }
@@ -237,6 +239,11 @@ impl Inner {
         }
         self.commit.check_poison()?;
         let record = batch.body.encode(self.opts.compression_threshold);
+        let payload = if self.cache.enabled() {
+            crate::cache::Payload::take(&mut batch.body)
+        } else {
+            crate::cache::Payload::default()
+        };
         // The CRC covers the segment id: computed here, outside every lock, for the segment that
         // is active now; in the rare case a rotation comes first, the leader computes it again.
         let guess = self.active_segment.load(Ordering::Relaxed);
@@ -249,6 +256,7 @@ impl Inner {
         let req = Arc::new(Request {
             batch,
             record,
+            payload,
             crc: (guess, crc),
             sync,
             is_async: callback.is_some(),
@@ -537,6 +545,7 @@ impl Inner {
             }
         }
         work.sort_by_key(|w| w.0);
+        let mut slack_charged = vec![false; placed.len()];
         let mut at = 0;
         while let Some(&(shard_ix, _, _)) = work.get(at) {
             let mut shard = self.groups.shard_at(shard_ix).write();
@@ -562,11 +571,25 @@ impl Inner {
                 if let Err(e) = apply_op(&mut shard, op.borrowed(), spans, pos, &mut ctx) {
                     debug_assert!(false, "a validated op was refused: {e}");
                     tracing::error!(error = %e, "a validated op was refused");
+                } else if let Op::Append {
+                    group,
+                    spans: range,
+                    ..
+                } = op
+                {
+                    // The entry cache takes the append's payload, in the same critical section.
+                    let first = slack_charged
+                        .get_mut(p)
+                        .is_some_and(|c| !std::mem::replace(c, true));
+                    let spans = spans.get(range.clone()).unwrap_or_default();
+                    self.cache
+                        .fill(&mut shard, *group, pos, spans, &m.payload, first);
                 }
             }
         }
         self.refs.apply(&ctx.refs);
         self.gc.note_removed(std::mem::take(&mut ctx.removed));
+        self.cache.evict(&self.groups);
     }
 
     /// Writes the tail buffer to the active segment's file. Called with the log lock.

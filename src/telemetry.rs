@@ -43,6 +43,8 @@ pub(crate) const SEGMENTS: &str = "mrwal_segments";
 pub(crate) const GROUPS: &str = "mrwal_groups";
 /// Heap bytes of the entry index.
 pub(crate) const INDEX_BYTES: &str = "mrwal_index_bytes";
+/// Bytes charged to the entry cache.
+pub(crate) const CACHE_BYTES: &str = "mrwal_cache_bytes";
 
 /// Describes every metric to the installed recorder, once per process.
 pub(crate) fn describe() {
@@ -72,6 +74,7 @@ pub(crate) fn describe() {
         describe_gauge!(SEGMENTS, "segment files on disk");
         describe_gauge!(GROUPS, "groups known");
         describe_gauge!(INDEX_BYTES, Unit::Bytes, "heap bytes of the entry index");
+        describe_gauge!(CACHE_BYTES, Unit::Bytes, "bytes charged to the entry cache");
     });
 }
 
@@ -119,8 +122,9 @@ pub(crate) fn poisoned() {
 
 /// The gauges that need a walk of the index (taken by [`crate::Engine::stats`], at open and
 /// after GC jobs, never on the write path).
-pub(crate) fn state(segments: usize, groups: usize, index_bytes: u64) {
+pub(crate) fn state(segments: usize, groups: usize, index_bytes: u64, cache_bytes: u64) {
     gauge!(SEGMENTS).set(segments as f64);
     gauge!(GROUPS).set(groups as f64);
     gauge!(INDEX_BYTES).set(index_bytes as f64);
+    gauge!(CACHE_BYTES).set(cache_bytes as f64);
 }

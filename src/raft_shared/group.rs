@@ -45,12 +45,14 @@ impl GroupCore {
     /// The encoded entries of `range` that the log holds, at most `max_bytes` of them (at least
     /// one if the range's first present entry exists), with the index of the first. The start
     /// is clamped to the first present entry, so a range reaching into the purged prefix
-    /// returns what follows it. On error, the index being read is returned with it.
+    /// returns what follows it. On error, the index being read is returned with it. The entries
+    /// are slices of the engine's cached payloads or of the records read (no per-entry copy);
+    /// the adapters decode straight from them.
     pub(crate) fn raw_entries(
         &self,
         range: Range<u64>,
         max_bytes: usize,
-    ) -> AtIndex<(u64, Vec<Vec<u8>>)> {
+    ) -> AtIndex<(u64, Vec<crate::Bytes>)> {
         let Some(first) = self.engine.first_index(self.group) else {
             return Ok((range.start, Vec::new()));
         };
@@ -59,17 +61,17 @@ impl GroupCore {
             return Ok((start, Vec::new()));
         }
         self.engine
-            .entries(self.group, start..range.end, max_bytes)
+            .entries_bytes(self.group, start..range.end, max_bytes)
             .map(|raw| (start, raw))
             .map_err(|e| (start, e))
     }
 
     /// The last entry, encoded, with its index.
-    pub(crate) fn last_raw_entry(&self) -> AtIndex<Option<(u64, Vec<u8>)>> {
+    pub(crate) fn last_raw_entry(&self) -> AtIndex<Option<(u64, crate::Bytes)>> {
         let Some(last) = self.engine.last_index(self.group) else {
             return Ok(None);
         };
-        match self.engine.entry(self.group, last) {
+        match self.engine.entry_bytes(self.group, last) {
             Ok(Some(bytes)) => Ok(Some((last, bytes))),
             Ok(None) => Err((
                 last,

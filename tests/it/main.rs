@@ -14,6 +14,8 @@
 //! - `metrics`: the metrics reach an installed recorder (fsyncs, groups, GC, recovery, poison).
 //! - `kill`: SIGKILL a child writer at random points, then check every acknowledged batch.
 //! - `prop_recovery`: seeded proptest of the fuzz inputs: hostile images never panic or lie.
+//! - `reads`: the entry cache and the disk path race writers (seeded model), typed checksum
+//!   errors on reads, the cache budget, reads after reopen.
 //! - `recovery_items`: one regression test per recovery item of issue 8 (kill then power cut, lz4 density, ...).
 //! - `raft_suite`: openraft's log-store suite, fresh engine per sub-test and 64 suites on one engine.
 //! - `raft_corruption`: single faults on a cleanly closed directory, read through the adapter.
@@ -53,5 +55,6 @@ mod raft_nonblocking;
 mod raft_shared_durability;
 #[cfg(feature = "openraft")]
 mod raft_suite;
+mod reads;
 mod recovery_items;
 mod simfs;

@@ -97,6 +97,7 @@ fn metrics_are_emitted() {
     assert!(stats.groups >= 1);
     assert!(seen.gauges.contains_key("mrwal_groups"), "{seen:?}");
     assert!(seen.gauges.contains_key("mrwal_index_bytes"), "{seen:?}");
+    assert!(seen.gauges.contains_key("mrwal_cache_bytes"), "{seen:?}");
 
     // Recovery reports what it scanned.
     let engine = Engine::open(dir.path(), opts()).unwrap();

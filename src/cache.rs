@@ -1,0 +1,352 @@
+//! The entry cache: the entries written most recently, served from memory without a system
+//! call, within a per-engine byte budget ([`Options::cache_bytes`](crate::Options)).
+//!
+//! Structure:
+//! - Each group keeps, next to its index and under the same shard lock, a [`GroupCache`]: the
+//!   payload of its recent appends as [`Bytes`] slices of the writer's own payload buffer (the
+//!   `WriteBatch` built it; the write path hands it over instead of dropping it, so filling the
+//!   cache copies no entry byte), sorted by record position.
+//! - One engine-wide eviction queue ([`EntryCache`]) lists the cached appends oldest first with
+//!   the bytes each is charged. Only the write path touches it (under the log lock); readers
+//!   never do. When the charged bytes exceed the budget, the oldest appends are evicted from
+//!   their groups (one shard write lock per shard touched).
+//!
+//! Invariants:
+//! - Correctness never depends on invalidation: a reader first locates the entry in the index
+//!   (which purge, truncate, overwrite and group removal keep exact), then asks the group's
+//!   cache for the bytes of *that record* (segment and offset, which no other record ever has)
+//!   at *that span*. A cached slice holds exactly the bytes the record's raw body holds there
+//!   (`base` is the raw-body offset of the slice's first byte). So the cache can only answer
+//!   what a disk read of the located record would answer: never a purged, truncated or
+//!   overwritten entry.
+//! - Invalidation only frees memory early: after an op that drops runs from a group, its cached
+//!   appends outside the remaining runs' record positions are dropped ([`GroupCache::retain`]);
+//!   removing a group drops its cache with it.
+//! - Memory: `charged` is the sum, over the appends in the eviction queue, of their payload
+//!   bytes plus [`OVERHEAD`], plus the unused capacity of each payload buffer (charged to its
+//!   first append). It never exceeds the budget once a write group's eviction is done, and it
+//!   bounds the memory the cache keeps alive (an append dropped early by invalidation stays
+//!   charged until the queue reaches it, so the figure errs high, never low).
+//! - The cache holds only bytes the index already serves (inserted in the same critical section
+//!   as the append's index entry), so it never makes unsynced data more visible than the tail
+//!   buffer already does, and never makes anything durable.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::codec::EntrySpan;
+#[cfg(test)]
+use crate::index::Run;
+use crate::index::{EntryIndex, EntryLoc, Group, Groups, RecordPos};
+
+/// Bytes charged per cached append besides its payload: its slot in the group's cache and in
+/// the eviction queue, rounded up.
+pub(crate) const OVERHEAD: u64 = 64;
+
+/// The cached payload of one append: raw-body bytes `base .. base + payload.len()` of the
+/// record at (`segment`, `rec_off`).
+#[derive(Debug, Clone)]
+struct Cached {
+    segment: u32,
+    rec_off: u32,
+    base: u32,
+    payload: Bytes,
+}
+
+impl Cached {
+    fn key(&self) -> (u32, u32, u32) {
+        (self.segment, self.rec_off, self.base)
+    }
+}
+
+/// One group's cached appends, sorted by (segment, record offset, base): append order.
+#[derive(Debug, Default)]
+pub(crate) struct GroupCache {
+    recs: VecDeque<Cached>,
+}
+
+impl GroupCache {
+    /// The bytes of the entry at `loc`, if its record's slice is cached. O(log cached appends).
+    pub(crate) fn get(&self, loc: &EntryLoc) -> Option<Bytes> {
+        let (c, from, to) = self.find(loc)?;
+        Some(c.payload.slice(from..to))
+    }
+
+    /// [`Self::get`] copied into a new vector: no reference count is touched (the writer that
+    /// just cached the payload owns that cache line).
+    pub(crate) fn copy(&self, loc: &EntryLoc) -> Option<Vec<u8>> {
+        let (c, from, to) = self.find(loc)?;
+        c.payload.get(from..to).map(<[u8]>::to_vec)
+    }
+
+    /// The cached append holding `loc` and the entry's range in its payload.
+    fn find(&self, loc: &EntryLoc) -> Option<(&Cached, usize, usize)> {
+        if self.recs.is_empty() {
+            return None;
+        }
+        let key = (loc.run.segment, loc.run.rec_off, loc.span.off);
+        let at = self.recs.partition_point(|c| c.key() <= key);
+        let c = self.recs.get(at.checked_sub(1)?)?;
+        if (c.segment, c.rec_off) != (loc.run.segment, loc.run.rec_off) {
+            return None;
+        }
+        let from = loc.span.off.checked_sub(c.base)? as usize;
+        let to = from.checked_add(loc.span.len as usize)?;
+        (to <= c.payload.len()).then_some((c, from, to))
+    }
+
+    /// Drops the cached appends at either end whose records no run of the group names any
+    /// more (purge drops runs at the front; truncate, overwrite and clearing at the back; runs
+    /// are never dropped in the middle, so this drops every unnamed append).
+    pub(crate) fn retain(&mut self, index: &EntryIndex) {
+        while self
+            .recs
+            .front()
+            .is_some_and(|c| !index.names(c.segment, c.rec_off))
+        {
+            self.recs.pop_front();
+        }
+        while self
+            .recs
+            .back()
+            .is_some_and(|c| !index.names(c.segment, c.rec_off))
+        {
+            self.recs.pop_back();
+        }
+        if self.recs.capacity() > 64 && self.recs.len() < self.recs.capacity() / 4 {
+            self.recs.shrink_to(self.recs.len() * 2);
+        }
+    }
+
+    /// Evicts the cached appends up to and including `key` (the oldest ones: eviction follows
+    /// append order).
+    fn evict_through(&mut self, key: (u32, u32, u32)) {
+        while self.recs.front().is_some_and(|c| c.key() <= key) {
+            self.recs.pop_front();
+        }
+    }
+
+    fn push(&mut self, c: Cached) {
+        // Appends arrive in record order; one that does not (never expected) is not cached, so
+        // the sort order lookups rely on holds.
+        if self.recs.back().is_some_and(|b| b.key() >= c.key()) {
+            debug_assert!(false, "cache insert out of record order");
+            return;
+        }
+        self.recs.push_back(c);
+    }
+
+    /// Appends cached for this group.
+    pub(crate) fn len(&self) -> usize {
+        self.recs.len()
+    }
+}
+
+/// One append in the eviction queue.
+#[derive(Debug, Clone, Copy)]
+struct Charge {
+    group: u64,
+    key: (u32, u32, u32),
+    bytes: u64,
+}
+
+/// A write's payload buffer, handed from the batch to the cache.
+#[derive(Debug, Default)]
+pub(crate) struct Payload {
+    /// The batch's entry payloads, back to back.
+    pub(crate) bytes: Bytes,
+    /// Raw-body offset of `bytes[0]` in the record (the batch's payload base).
+    pub(crate) base: u32,
+    /// Unused capacity of the buffer, charged to its first cached append.
+    pub(crate) slack: u64,
+}
+
+impl Payload {
+    /// Takes the payload buffer of an encoded batch (the record holds its own copy).
+    pub(crate) fn take(body: &mut crate::codec::BodyBuilder) -> Payload {
+        let base = u32::try_from(body.payload_base()).unwrap_or(u32::MAX);
+        let buf = std::mem::take(&mut body.payload);
+        let slack = (buf.capacity() - buf.len()) as u64;
+        Payload {
+            bytes: Bytes::from(buf),
+            base,
+            slack,
+        }
+    }
+}
+
+/// The engine-wide side of the cache: budget, charged bytes and the eviction queue.
+#[derive(Debug, Default)]
+pub(crate) struct EntryCache {
+    budget: u64,
+    charged: AtomicU64,
+    queue: Mutex<VecDeque<Charge>>,
+}
+
+impl EntryCache {
+    pub(crate) fn new(budget: u64) -> EntryCache {
+        EntryCache {
+            budget,
+            ..EntryCache::default()
+        }
+    }
+
+    /// Whether the cache is on (a budget above 0).
+    pub(crate) fn enabled(&self) -> bool {
+        self.budget > 0
+    }
+
+    /// Bytes charged to the cache now (see the module invariants).
+    pub(crate) fn charged(&self) -> u64 {
+        self.charged.load(Ordering::Relaxed)
+    }
+
+    /// Caches the payload of one append that was just applied to `group` in `shard` (same
+    /// critical section). `spans` are the append's entry spans (raw-body offsets); `first`
+    /// says whether this is the first append cached from `payload` (it carries the slack).
+    pub(crate) fn fill(
+        &self,
+        shard: &mut HashMap<u64, Group>,
+        group: u64,
+        pos: RecordPos,
+        spans: &[EntrySpan],
+        payload: &Payload,
+        first: bool,
+    ) {
+        if !self.enabled() {
+            return;
+        }
+        let (Some(head), Some(tail)) = (spans.first(), spans.last()) else {
+            return;
+        };
+        let (Some(from), Some(to)) = (
+            head.off.checked_sub(payload.base),
+            tail.off
+                .checked_add(tail.len)
+                .and_then(|end| end.checked_sub(payload.base)),
+        ) else {
+            return;
+        };
+        let (from, to) = (from as usize, to as usize);
+        if from > to || to > payload.bytes.len() {
+            debug_assert!(false, "append spans outside the batch payload");
+            return;
+        }
+        let Some(g) = shard.get_mut(&group) else {
+            return;
+        };
+        let slice = payload.bytes.slice(from..to);
+        let bytes = slice.len() as u64 + OVERHEAD + if first { payload.slack } else { 0 };
+        let cached = Cached {
+            segment: pos.segment,
+            rec_off: pos.rec_off,
+            base: head.off,
+            payload: slice,
+        };
+        let key = cached.key();
+        g.cache.push(cached);
+        self.queue.lock().push_back(Charge { group, key, bytes });
+        self.charged.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Evicts the oldest appends until the charged bytes fit the budget. Called by the write
+    /// path after a write group was applied, with no shard lock held.
+    pub(crate) fn evict(&self, groups: &Groups) {
+        if self.charged() <= self.budget {
+            return;
+        }
+        let mut victims: Vec<(usize, Charge)> = Vec::new();
+        {
+            let mut queue = self.queue.lock();
+            while self.charged() > self.budget {
+                let Some(c) = queue.pop_front() else {
+                    break;
+                };
+                self.charged.fetch_sub(c.bytes, Ordering::Relaxed);
+                victims.push((Groups::shard_index(c.group), c));
+            }
+        }
+        // One lock per shard; within a shard, the victims in queue order.
+        victims.sort_by_key(|(s, _)| *s);
+        let mut at = 0;
+        while let Some(&(shard_ix, _)) = victims.get(at) {
+            let mut shard = groups.shard_at(shard_ix).write();
+            while let Some((s, c)) = victims.get(at) {
+                if *s != shard_ix {
+                    break;
+                }
+                at += 1;
+                if let Some(g) = shard.get_mut(&c.group) {
+                    g.cache.evict_through(c.key);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc(segment: u32, rec_off: u32, off: u32, len: u32) -> EntryLoc {
+        EntryLoc {
+            run: Run {
+                first: 1,
+                segment,
+                rec_off,
+                rec_len: 1000,
+            },
+            span: EntrySpan { off, len },
+        }
+    }
+
+    #[test]
+    fn lookup_matches_record_and_span_only() {
+        let mut gc = GroupCache::default();
+        gc.push(Cached {
+            segment: 1,
+            rec_off: 32,
+            base: 10,
+            payload: Bytes::from_static(b"abcdef"),
+        });
+        gc.push(Cached {
+            segment: 1,
+            rec_off: 32,
+            base: 16,
+            payload: Bytes::from_static(b"XYZ"),
+        });
+        gc.push(Cached {
+            segment: 2,
+            rec_off: 32,
+            base: 10,
+            payload: Bytes::from_static(b"0123"),
+        });
+        assert_eq!(gc.get(&loc(1, 32, 12, 2)).unwrap(), &b"cd"[..]);
+        assert_eq!(gc.get(&loc(1, 32, 16, 3)).unwrap(), &b"XYZ"[..]);
+        assert_eq!(gc.get(&loc(2, 32, 11, 3)).unwrap(), &b"123"[..]);
+        assert_eq!(gc.copy(&loc(2, 32, 11, 3)).unwrap(), b"123");
+        // Another record, or a span beyond the slice: not cached.
+        assert!(gc.get(&loc(1, 64, 12, 2)).is_none());
+        assert!(gc.get(&loc(2, 32, 12, 3)).is_none());
+        assert!(gc.get(&loc(1, 0, 12, 2)).is_none());
+        // Retain keeps what the index names (record 1@32), drops the rest at the ends.
+        let mut ix = EntryIndex::default();
+        let run = Run {
+            first: 1,
+            segment: 1,
+            rec_off: 32,
+            rec_len: 100,
+        };
+        ix.try_append(1, run, &[EntrySpan { off: 10, len: 6 }])
+            .unwrap();
+        gc.retain(&ix);
+        assert_eq!(gc.len(), 2);
+        gc.evict_through((1, 32, 10));
+        assert_eq!(gc.len(), 1);
+        gc.retain(&EntryIndex::default());
+        assert_eq!(gc.len(), 0);
+    }
+}
