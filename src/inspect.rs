@@ -187,6 +187,9 @@ pub enum CheckpointState {
     Valid {
         /// Segments below this id are covered by it.
         covers_below: u64,
+        /// Records of segment `covers_below` starting below this offset are covered too
+        /// (the segment header's length: none).
+        covers_offset: u64,
         /// Segments below `covers_below` that must still exist.
         survivors: Vec<u64>,
         /// Groups it holds metadata for.
@@ -304,10 +307,9 @@ impl fmt::Debug for Inspection {
 fn require_dir(dir: &Path) -> Result<()> {
     let meta = std::fs::metadata(dir).map_err(|e| Error::io(format!("opening {dir:?}"), e))?;
     if !meta.is_dir() {
-        return Err(Error::io(
-            format!("opening {dir:?}"),
-            io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
-        ));
+        return Err(Error::NotADirectory {
+            path: dir.to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -332,8 +334,8 @@ impl Inspection {
     ///
     /// # Errors
     ///
-    /// I/O errors listing or reading the directory (a missing path, not a directory, no
-    /// permission).
+    /// [`Error::Io`] if `dir` does not exist or cannot be listed, [`Error::NotADirectory`] if
+    /// it is not a directory. Nothing is created either way.
     pub fn open(
         dir: impl AsRef<Path>,
         mode: RecoveryMode,
@@ -371,6 +373,7 @@ impl Inspection {
             Ok(None) => CheckpointState::Absent,
             Ok(Some(c)) => CheckpointState::Valid {
                 covers_below: c.covers_below,
+                covers_offset: c.covers_offset,
                 survivors: c.survivors.clone(),
                 groups: c.groups.len(),
                 bytes: std::fs::metadata(dir.join(CHECKPOINT_NAME)).map_or(0, |m| m.len()),
@@ -483,8 +486,9 @@ impl Inspection {
     ///
     /// # Errors
     ///
-    /// [`Error::Unrecoverable`] if recovery in this view's mode refuses the directory;
-    /// [`Error::Corruption`] for a record that no longer passes its checks; I/O errors.
+    /// [`Error::Unrecoverable`] if recovery in this view's mode fails (see
+    /// [`Inspection::recovery`]); [`Error::Corruption`] if a record no longer passes its
+    /// checks, [`Error::Io`] if it cannot be read.
     pub fn entries(
         &self,
         group: u64,
@@ -758,7 +762,8 @@ impl CheckReport {
 ///
 /// # Errors
 ///
-/// I/O errors listing the directory; problems found are in the report, not errors.
+/// [`Error::Io`] if `dir` does not exist or cannot be listed, [`Error::NotADirectory`] if it
+/// is not a directory. Everything found inside it is a [`Problem`], not an error.
 pub fn check(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<CheckReport> {
     let dir = dir.as_ref();
     require_dir(dir)?;
@@ -805,7 +810,15 @@ pub fn check(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<CheckRepo
         .sum();
     progress.expect(live_bytes);
     let opts = Options::default().prefill_segments(false);
-    let (checks, sealed_rule) = verify_segments(&fs, dir, &view.live, seal, &opts);
+    let covered = match &view.checkpoint {
+        CheckpointState::Valid {
+            covers_below,
+            covers_offset,
+            ..
+        } => Some((*covers_below, *covers_offset)),
+        _ => None,
+    };
+    let (checks, sealed_rule) = verify_segments(&fs, dir, &view.live, seal, covered, &opts);
     let mut segments = Vec::with_capacity(checks.len());
     for c in &checks {
         let file = segment_name(c.id);
@@ -961,7 +974,7 @@ pub enum RepairPlan {
 ///
 /// # Errors
 ///
-/// I/O errors listing or reading the directory.
+/// As [`check`]; [`Error::Locked`] if an engine holds the directory.
 pub fn plan_repair(dir: impl AsRef<Path>, progress: &ScanProgress) -> Result<RepairPlan> {
     let dir = dir.as_ref();
     let view = Inspection::open(dir, RecoveryMode::TolerateTail, progress)?;
@@ -1054,9 +1067,10 @@ pub enum RepairOutcome {
 ///
 /// # Errors
 ///
-/// [`Error::StaleRepairPlan`] if the directory changed since the plan; [`Error::Repair`] if
-/// the plan cannot be carried out (the original directory is then unchanged); I/O errors and
-/// the errors of [`Engine::open`].
+/// As [`plan_repair`]; [`Error::StaleRepairPlan`] if the plan differs from `expected`;
+/// [`Error::Repair`] if the plan is [`RepairPlan::Impossible`] or a rebuilt directory does
+/// not check out (the original is then left in place, the half-written one removed); any
+/// error of opening or writing the engine.
 pub fn repair(
     dir: impl AsRef<Path>,
     expected: &RepairPlan,

@@ -235,11 +235,12 @@ fn checkpoint_json(c: &CheckpointState) -> Value {
         CheckpointState::Absent => json!({"state": "absent"}),
         CheckpointState::Valid {
             covers_below,
+            covers_offset,
             survivors,
             groups,
             bytes,
         } => {
-            json!({"state": "valid", "covers_below": covers_below, "survivors": survivors, "groups": groups, "bytes": bytes})
+            json!({"state": "valid", "covers_below": covers_below, "covers_offset": covers_offset, "survivors": survivors, "groups": groups, "bytes": bytes})
         }
         CheckpointState::Damaged { reason } => json!({"state": "damaged", "reason": reason}),
         _ => json!({"state": "unknown"}),
@@ -262,11 +263,17 @@ fn describe_checkpoint(c: &CheckpointState) -> String {
         CheckpointState::Absent => "none".into(),
         CheckpointState::Valid {
             covers_below,
+            covers_offset,
             survivors,
             groups,
             bytes,
         } => format!(
-            "covers segments below {covers_below} (survivors {survivors:?}), {groups} groups, {bytes} bytes"
+            "covers segments below {covers_below}{} (survivors {survivors:?}), {groups} groups, {bytes} bytes",
+            if *covers_offset > 32 {
+                format!(" and segment {covers_below} below offset {covers_offset}")
+            } else {
+                String::new()
+            }
         ),
         CheckpointState::Damaged { reason } => format!("DAMAGED: {reason}"),
         _ => "unknown".into(),

@@ -54,13 +54,15 @@ pub(crate) struct SegmentCheck {
 }
 
 /// Scans `ids` (in log order, as recovery would: the live segments) and classifies every damaged
-/// range. `seal` is the seal recovery would use. Returns one entry per id, and the error of
+/// range. `seal` is the seal recovery would use, `covered` the checkpoint's covered position.
+/// Returns one entry per id, and the error of
 /// recovery's sealed-length rule, if it fails.
 pub(crate) fn verify_segments(
     fs: &dyn FileSystem,
     dir: &Path,
     ids: &[u64],
     seal: Option<Seal>,
+    covered: Option<(u64, u64)>,
     opts: &Options,
 ) -> (Vec<SegmentCheck>, Option<Error>) {
     let strict = opts.clone().recovery_mode(RecoveryMode::TolerateTail);
@@ -89,7 +91,16 @@ pub(crate) fn verify_segments(
             Err(e) => failed.push(Some(e.to_string())),
         }
     }
-    let points = durable_points(&ok, seal);
+    let mut points = durable_points(&ok, seal);
+    // Recovery's rule: the checkpoint's covered position (segment, offset) was durable when
+    // the checkpoint was stored, so the covering segment is proven durable up to the offset.
+    if let Some((segment, offset)) = covered.filter(|&(_, o)| o > SEGMENT_HEADER_LEN) {
+        for (s, point) in ok.iter().zip(points.iter_mut()) {
+            if s.id == segment {
+                *point = (*point).max(offset);
+            }
+        }
+    }
     let sealed_rule = check_sealed_lengths(&ok, &points).err();
     let mut good = ok.into_iter().zip(points);
     let mut out = Vec::with_capacity(ids.len());
