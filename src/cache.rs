@@ -130,13 +130,22 @@ impl GroupCache {
     }
 
     fn push(&mut self, c: Cached) {
-        // Appends arrive in record order; one that does not (never expected) is not cached, so
-        // the sort order lookups rely on holds.
-        if self.recs.back().is_some_and(|b| b.key() >= c.key()) {
-            debug_assert!(false, "cache insert out of record order");
-            return;
+        match self.recs.back_mut() {
+            // Two appends of one record starting at the same byte: the earlier one holds only
+            // empty entries. Both are slices of the same record body from the same offset, so
+            // the longer holds the shorter; keep it.
+            Some(b) if b.key() == c.key() => {
+                if c.payload.len() > b.payload.len() {
+                    *b = c;
+                }
+            }
+            // Appends arrive in record order; one that does not (never expected) is not cached,
+            // so the sort order lookups rely on holds.
+            Some(b) if b.key() > c.key() => {
+                debug_assert!(false, "cache insert out of record order");
+            }
+            _ => self.recs.push_back(c),
         }
-        self.recs.push_back(c);
     }
 
     /// Appends cached for this group.
