@@ -210,8 +210,17 @@ impl Inner {
                 offset = job.position & 0xFFFF_FFFF
             )
             .entered();
+            let position = job.position;
             let result = self.collect_and_delete(job);
-            self.gc.armed.store(0, Ordering::Release);
+            // Disarm only if this job is still the armed one (a failure before `collect`
+            // leaves it armed). `collect` disarms under the log lock, and a rotation may arm
+            // the next job right after, while this one is still storing and deleting: a plain
+            // store of 0 here would disarm that job, its first writes would save no metadata,
+            // and its checkpoint would miss their groups.
+            let _ =
+                self.gc
+                    .armed
+                    .compare_exchange(position, 0, Ordering::AcqRel, Ordering::Acquire);
             if let Ok(done) = &result {
                 tracing::debug!(
                     deleted = done.deleted.len(),
