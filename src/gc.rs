@@ -143,6 +143,14 @@ impl GcState {
         }
     }
 
+    /// Disarms the job armed at `position`, if it is still the armed one; a later job armed
+    /// meanwhile stays armed.
+    fn disarm_job(&self, position: u64) {
+        let _ = self
+            .armed
+            .compare_exchange(position, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
+
     pub(crate) fn shutdown(&self) {
         let mut q = self.queue.lock();
         q.shutdown = true;
@@ -217,10 +225,7 @@ impl Inner {
             // the next job right after, while this one is still storing and deleting: a plain
             // store of 0 here would disarm that job, its first writes would save no metadata,
             // and its checkpoint would miss their groups.
-            let _ =
-                self.gc
-                    .armed
-                    .compare_exchange(position, 0, Ordering::AcqRel, Ordering::Acquire);
+            self.gc.disarm_job(position);
             if let Ok(done) = &result {
                 tracing::debug!(
                     deleted = done.deleted.len(),
@@ -616,6 +621,24 @@ pub(crate) fn spawn(inner: Arc<Inner>) -> Result<std::thread::JoinHandle<()>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The GC thread finishing a job must not disarm the next one, armed by a rotation while
+    /// the first was still storing its checkpoint (found by the crash explorer: that job's
+    /// checkpoint then missed the groups first written after its position).
+    #[test]
+    fn finishing_a_job_leaves_a_later_armed_job_armed() {
+        let gc = GcState::default();
+        let (first, second) = (pack_flushed(3, 4096), pack_flushed(4, 32));
+        gc.armed.store(first, Ordering::Release);
+        // `collect` disarmed the first job; a rotation armed the second.
+        gc.armed.store(0, Ordering::Release);
+        gc.armed.store(second, Ordering::Release);
+        gc.disarm_job(first);
+        assert_eq!(gc.armed(), second);
+        // A job that failed before `collect` is still armed: finishing it disarms it.
+        gc.disarm_job(second);
+        assert_eq!(gc.armed(), 0);
+    }
 
     #[test]
     fn a_rewrite_never_builds_a_record_near_the_limit() {
