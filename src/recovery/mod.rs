@@ -138,6 +138,20 @@ fn durable_points(scans: &[SegmentScan], seal: Option<Seal>) -> Vec<u64> {
     points
 }
 
+/// Raises the durable point of the segment a checkpoint covers (`covered`: its segment and
+/// offset) to the covered offset: the checkpoint was stored only once every record it covers
+/// was durable. Recovery and `inspect`'s verification both apply it.
+fn raise_to_checkpoint(scans: &[SegmentScan], points: &mut [u64], covered: Option<(u64, u64)>) {
+    let Some((segment, offset)) = covered.filter(|&(_, o)| o > SEGMENT_HEADER_LEN) else {
+        return;
+    };
+    for (s, point) in scans.iter().zip(points.iter_mut()) {
+        if s.id == segment {
+            *point = (*point).max(offset);
+        }
+    }
+}
+
 /// A segment followed by a record was sealed by its rotation: cut to its last record and
 /// fdatasynced before the next segment took one. So it must end exactly at its last record
 /// (a zero tail there means records were lost, not that a write was torn), and at the length
@@ -254,11 +268,13 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
     // segments recovery fsyncs. A checkpoint proves the records it covers durable, but not the
     // segment's length (a rotation's trim may not have been synced before a kill).
     let proven_by_log = durable.clone();
-    // The checkpoint was stored only once every record it covers was durable: the covering
-    // segment is proven durable up to the covered offset, and must hold records up to it.
-    for (s, point) in scans.iter().zip(durable.iter_mut()) {
+    let covered = checkpoint
+        .is_some()
+        .then_some((covers_below, covers_offset));
+    raise_to_checkpoint(&scans, &mut durable, covered);
+    // The covering segment must hold records up to the covered offset.
+    for s in &scans {
         if checkpoint.is_some() && s.id == covers_below && covers_offset > SEGMENT_HEADER_LEN {
-            *point = (*point).max(covers_offset);
             let end = s
                 .parts
                 .damage

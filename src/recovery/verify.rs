@@ -22,7 +22,7 @@ use crate::segment::SEGMENT_HEADER_LEN;
 
 use super::scan::{scan_all, SegmentScan};
 use super::seal::Seal;
-use super::{check_sealed_lengths, durable_points};
+use super::{check_sealed_lengths, durable_points, raise_to_checkpoint};
 
 /// One damaged range of a segment.
 #[derive(Debug, Clone)]
@@ -92,15 +92,7 @@ pub(crate) fn verify_segments(
         }
     }
     let mut points = durable_points(&ok, seal);
-    // Recovery's rule: the checkpoint's covered position (segment, offset) was durable when
-    // the checkpoint was stored, so the covering segment is proven durable up to the offset.
-    if let Some((segment, offset)) = covered.filter(|&(_, o)| o > SEGMENT_HEADER_LEN) {
-        for (s, point) in ok.iter().zip(points.iter_mut()) {
-            if s.id == segment {
-                *point = (*point).max(offset);
-            }
-        }
-    }
+    raise_to_checkpoint(&ok, &mut points, covered);
     let sealed_rule = check_sealed_lengths(&ok, &points).err();
     let mut good = ok.into_iter().zip(points);
     let mut out = Vec::with_capacity(ids.len());

@@ -29,6 +29,21 @@ fn append(e: &Engine, group: u64, index: u64, bytes: usize) -> Result<(), Error>
     e.write(b)
 }
 
+/// Appends 1000-byte entries round-robin to groups 0..4 (at most `writes` of them) until the
+/// disk is full; returns each group's next index and whether `NoSpace` was seen.
+fn fill_until_full(e: &Engine, writes: u64) -> ([u64; 4], bool) {
+    let mut next = [1u64; 4];
+    for i in 0..writes {
+        let g = i % 4;
+        match append(e, g, next[g as usize], 1000) {
+            Ok(()) => next[g as usize] += 1,
+            Err(Error::NoSpace { .. }) => return (next, true),
+            Err(e) => panic!("write {i}: {e}"),
+        }
+    }
+    (next, false)
+}
+
 fn tmp_names(fs: &SimFs) -> Vec<String> {
     fs.live_names(Path::new(DIR))
         .into_iter()
@@ -185,19 +200,7 @@ fn gc_full_disk_sequence_on_the_simulated_fs() {
     let opts = || sim(&fs, 16 << 10);
     let e = Engine::open(DIR, opts()).unwrap();
     fs.set_capacity(Some(fs.used_bytes() + (96 << 10)));
-    let mut next = [1u64; 4];
-    let mut full = false;
-    for i in 0..1000u64 {
-        let g = i % 4;
-        match append(&e, g, next[g as usize], 1000) {
-            Ok(()) => next[g as usize] += 1,
-            Err(Error::NoSpace { .. }) => {
-                full = true;
-                break;
-            }
-            Err(e) => panic!("write {i}: {e}"),
-        }
-    }
+    let (mut next, full) = fill_until_full(&e, 1000);
     assert!(full, "the disk never filled up");
     assert!(!e.is_poisoned());
     for g in 0..4u64 {
@@ -278,19 +281,7 @@ fn gc_full_disk_sequence_on_a_small_tmpfs() {
             .prefill_segments(false)
     };
     let e = Engine::open(&dir, opts()).unwrap();
-    let mut next = [1u64; 4];
-    let mut full = false;
-    for i in 0..10_000u64 {
-        let g = i % 4;
-        match append(&e, g, next[g as usize], 1000) {
-            Ok(()) => next[g as usize] += 1,
-            Err(Error::NoSpace { .. }) => {
-                full = true;
-                break;
-            }
-            Err(e) => panic!("write {i}: {e}"),
-        }
-    }
+    let (mut next, full) = fill_until_full(&e, 10_000);
     assert!(full && !e.is_poisoned());
     assert_eq!(e.entry(1, 1).unwrap(), Some(vec![1u8; 1000]));
     let mut b = WriteBatch::new();
