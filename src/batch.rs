@@ -25,7 +25,7 @@ pub struct WriteBatch {
     pub(crate) body: BodyBuilder,
     pub(crate) ops: Vec<Op<Box<[u8]>>>,
     /// Entry spans with offsets from the start of the payload area (appends index into it);
-    /// [`WriteBatch::record_spans`] shifts them to offsets in the record's raw body.
+    /// [`WriteBatch::shift_spans_to_record`] shifts them to offsets in the record's raw body.
     pub(crate) spans: Vec<EntrySpan>,
     /// The first entry too large for a record: (group, index, bytes).
     pub(crate) invalid: Option<(u64, crate::codec::TooLargeEntry)>,
@@ -59,24 +59,16 @@ impl WriteBatch {
         I: IntoIterator<Item = E>,
         E: AsRef<[u8]>,
     {
-        let mut lens = Vec::new();
-        let payload_at = self.body.payload.len();
-        match self.body.append(group, first_index, entries, &mut lens) {
-            Ok(()) => {
-                if !lens.is_empty() {
-                    let start = self.spans.len();
-                    let mut off = payload_at as u32;
-                    for len in lens {
-                        self.spans.push(EntrySpan { off, len });
-                        off += len;
-                    }
-                    self.ops.push(Op::Append {
-                        group,
-                        first: first_index,
-                        spans: start..self.spans.len(),
-                    });
-                }
+        let start = self.spans.len();
+        match self.body.append(group, first_index, entries, &mut self.spans) {
+            Ok(()) if self.spans.len() > start => {
+                self.ops.push(Op::Append {
+                    group,
+                    first: first_index,
+                    spans: start..self.spans.len(),
+                });
             }
+            Ok(()) => {}
             Err(e) => {
                 self.invalid.get_or_insert((group, e));
             }
@@ -161,16 +153,14 @@ impl WriteBatch {
         self.body.payload.len()
     }
 
-    /// The entry spans shifted to offsets in the record's raw body (what the index stores).
-    pub(crate) fn record_spans(&self) -> Vec<EntrySpan> {
+    /// Shifts the entry spans from payload-area offsets to offsets in the record's raw body
+    /// (what the index stores). The write path calls it once, after encoding the record and
+    /// before queueing the batch; the batch is not added to afterwards.
+    pub(crate) fn shift_spans_to_record(&mut self) {
         let base = self.body.payload_base() as u32;
-        self.spans
-            .iter()
-            .map(|s| EntrySpan {
-                off: s.off + base,
-                len: s.len,
-            })
-            .collect()
+        for s in &mut self.spans {
+            s.off += base;
+        }
     }
 
     /// The error for an entry too large for a record, if the batch holds one.

@@ -597,40 +597,50 @@ pub(crate) struct TooLargeEntry {
 }
 
 impl BodyBuilder {
+    /// Appends entries `first..` of `group`: their bytes to the payload area, and one
+    /// [`EntrySpan`] per entry to `spans` (offsets from the start of the payload area). An
+    /// entry too large for a record refuses the whole append and changes nothing.
     pub(crate) fn append<E: AsRef<[u8]>>(
         &mut self,
         group: u64,
         first: u64,
         entries: impl IntoIterator<Item = E>,
-        lens: &mut Vec<u32>,
+        spans: &mut Vec<EntrySpan>,
     ) -> Result<(), TooLargeEntry> {
-        let start = lens.len();
-        let mut tmp_lens = Vec::new();
+        let start = spans.len();
+        let payload_start = self.payload.len();
         for (i, e) in entries.into_iter().enumerate() {
             let e = e.as_ref();
-            let len = u32::try_from(e.len())
-                .ok()
-                .filter(|&l| u64::from(l) <= MAX_RECORD_BYTES)
-                .ok_or(TooLargeEntry {
+            // The payload area never exceeds a record (the write path refuses larger batches),
+            // so offsets fit u32 for every batch that can be written.
+            let (Some(len), Ok(off)) = (
+                u32::try_from(e.len())
+                    .ok()
+                    .filter(|&l| u64::from(l) <= MAX_RECORD_BYTES),
+                u32::try_from(self.payload.len()),
+            ) else {
+                self.payload.truncate(payload_start);
+                spans.truncate(start);
+                return Err(TooLargeEntry {
                     index: first.saturating_add(i as u64),
                     bytes: e.len() as u64,
-                })?;
-            tmp_lens.push(len);
+                });
+            };
+            spans.push(EntrySpan { off, len });
             self.payload.extend_from_slice(e);
         }
-        if tmp_lens.is_empty() {
+        let added = spans.get(start..).unwrap_or_default();
+        if added.is_empty() {
             return Ok(());
         }
         self.op_count += 1;
         self.ops.push(OP_APPEND);
         put_varint(&mut self.ops, group);
         put_varint(&mut self.ops, first);
-        put_varint(&mut self.ops, tmp_lens.len() as u64);
-        for &l in &tmp_lens {
-            put_varint(&mut self.ops, u64::from(l));
+        put_varint(&mut self.ops, added.len() as u64);
+        for s in added {
+            put_varint(&mut self.ops, u64::from(s.len));
         }
-        lens.extend_from_slice(&tmp_lens);
-        debug_assert!(lens.len() > start);
         Ok(())
     }
 
@@ -740,7 +750,7 @@ mod tests {
 
     fn roundtrip(threshold: usize) {
         let mut b = BodyBuilder::default();
-        let mut lens = Vec::new();
+        let mut lens: Vec<EntrySpan> = Vec::new();
         b.append(
             7,
             10,

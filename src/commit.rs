@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
@@ -135,6 +136,10 @@ pub(crate) struct Commit {
     /// Serializes every fdatasync of a segment, so that a sync that returns `Ok` after another
     /// failed (the kernel may have dropped the failed sync's dirty pages) is never believed.
     sync_lock: Mutex<()>,
+    /// Set (under the state lock) whenever `State::poisoned` is: lets the write path check for
+    /// poison without taking the state lock. Only a shortcut: every acknowledgement is decided
+    /// under the state lock.
+    poisoned_flag: std::sync::atomic::AtomicBool,
 }
 
 /// What a sync leader does: make every write group written so far durable.
@@ -155,6 +160,7 @@ impl Drop for SyncingGuard<'_> {
             st.syncing = false;
             let reason = "a sync leader panicked".to_string();
             st.poisoned.get_or_insert(reason);
+            self.0.poisoned_flag.store(true, Ordering::Release);
             self.0.flusher_cv.notify_all();
         }
     }
@@ -166,6 +172,9 @@ impl Commit {
     }
 
     pub(crate) fn check_poison(&self) -> Result<()> {
+        if !self.poisoned_flag.load(Ordering::Acquire) {
+            return Ok(());
+        }
         match self.poisoned() {
             Some(reason) => Err(Error::Poisoned { reason }),
             None => Ok(()),
@@ -180,6 +189,7 @@ impl Commit {
             tracing::error!(%reason, "engine poisoned");
             crate::telemetry::poisoned();
             st.poisoned = Some(reason);
+            self.poisoned_flag.store(true, Ordering::Release);
         }
         self.flusher_cv.notify_all();
     }
@@ -340,6 +350,7 @@ impl Commit {
                     if st.poisoned.is_none() {
                         tracing::error!(error = %e, "engine poisoned");
                         st.poisoned = Some(format!("fdatasync failed: {e}"));
+                        self.poisoned_flag.store(true, Ordering::Release);
                     }
                     Vec::new()
                 }

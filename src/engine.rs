@@ -525,6 +525,7 @@ impl Engine {
                 prefilled,
                 syncs_in_segment: 0,
                 reserved,
+                scratch: Default::default(),
             }),
             tail: RwLock::new(Tail {
                 segment,

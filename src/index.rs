@@ -213,7 +213,7 @@ impl EntryIndex {
         self.range.check_append(index, count)?;
         if self.range.is_empty() {
             self.clear_counted(refs);
-        } else {
+        } else if self.range.last().is_some_and(|last| index <= last) {
             self.truncate_counted(index, refs);
         }
         self.range.try_append(index, count)?;
@@ -348,8 +348,18 @@ impl EntryIndex {
         self.runs.iter().map(|r| r.segment)
     }
 
-    /// Whether some run names the record at (`segment`, `rec_off`). O(log runs): runs are
-    /// sorted by record position as well as by index (both follow append order).
+    /// The record positions (segment, offset) of the first and the last run, if any. O(1).
+    /// Runs are sorted by record position as well as by index (both follow append order), and
+    /// are only ever dropped at either end, so every record position between the two that held
+    /// a run of this group still does.
+    pub(crate) fn record_bounds(&self) -> Option<((u32, u32), (u32, u32))> {
+        let first = self.runs.front()?;
+        let last = self.runs.back()?;
+        Some(((first.segment, first.rec_off), (last.segment, last.rec_off)))
+    }
+
+    /// Whether some run names the record at (`segment`, `rec_off`). O(log runs).
+    #[cfg(test)]
     pub(crate) fn names(&self, segment: u32, rec_off: u32) -> bool {
         let at = self
             .runs
@@ -559,6 +569,13 @@ pub(crate) fn apply_op<B: Into<Box<[u8]>>>(
                 .check_append(first, spans.len() as u64)
                 .map_err(|e| format!("group {group}: {e}"))?;
             g.touch(packed, ctx.armed);
+            if g.entries.range().last().is_some_and(|last| first <= last) {
+                // An overwrite: the replaced tail goes first, and its cached appends with it
+                // (retain keeps what lies between the first and last runs, and the new run is
+                // the last one after the append).
+                g.entries.truncate_counted(first, &mut ctx.refs);
+                g.cache.retain(&g.entries);
+            }
             let run = Run {
                 first,
                 segment: pos.segment,
@@ -568,7 +585,6 @@ pub(crate) fn apply_op<B: Into<Box<[u8]>>>(
             g.entries
                 .try_append_counted(first, run, spans, &mut ctx.refs)
                 .map_err(|e| format!("group {group}: {e}"))?;
-            g.cache.retain(&g.entries);
         }
         Op::Truncate { index, .. } => {
             g.touch(packed, ctx.armed);

@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::batch::WriteBatch;
-use crate::codec::{record_crc, seal_record, set_crc, EntrySpan, Op, RECORD_HEADER_LEN};
+use crate::codec::{record_crc, seal_record, set_crc, Op, RECORD_HEADER_LEN};
 use crate::commit::{Callback, Signal, Syncer, Waiter};
 use crate::engine::Inner;
 use crate::error::{Error, Result};
@@ -101,6 +101,9 @@ pub(crate) struct Request {
 pub(crate) struct Queue {
     pending: Vec<Arc<Request>>,
     leader: bool,
+    /// The previous write group's member list, emptied: the next leader swaps it in for
+    /// `pending`, so queueing allocates nothing in a steady state.
+    spare: Vec<Arc<Request>>,
 }
 
 /// Bytes appended to the active segment but not yet written to its file.
@@ -146,15 +149,38 @@ pub(crate) struct LogWriter {
     pub(crate) syncs_in_segment: u32,
     /// Bytes of the active segment's file reserved (its length: data, then reserved zeros).
     pub(crate) reserved: u64,
+    /// Buffers a write group reuses (their capacity stays between groups).
+    pub(crate) scratch: Scratch,
+}
+
+/// The write leader's working buffers, kept with the log (whose lock the leader holds) so that
+/// a write group allocates none of them.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// Ranges the group's members leave, for validation.
+    overlay: Vec<(u64, Range)>,
+    /// One member's ranges, for validation.
+    mine: Vec<(u64, Range)>,
+    /// Placed members: (member, segment, offset).
+    placed: Vec<(usize, u64, u64)>,
+    /// Ops to apply, by shard: (shard, placed member, op).
+    work: Vec<(usize, usize, usize)>,
+    /// Whether a placed member's payload slack was charged to the cache.
+    slack_charged: Vec<bool>,
 }
 
 /// Validates one batch against the index and the ranges earlier members of its write group
 /// leave (`overlay`); on success `overlay` includes this batch's effects.
-fn validate(groups: &Groups, batch: &WriteBatch, overlay: &mut Vec<(u64, Range)>) -> Result<()> {
+fn validate(
+    groups: &Groups,
+    batch: &WriteBatch,
+    overlay: &mut Vec<(u64, Range)>,
+    mine: &mut Vec<(u64, Range)>,
+) -> Result<()> {
     if let Some(e) = batch.too_large() {
         return Err(e);
     }
-    let mut mine: Vec<(u64, Range)> = Vec::new();
+    mine.clear();
     for &(group, version) in &batch.expect_version {
         // An earlier member of this write group may have written the group without being
         // applied yet: the version alone would not show it.
@@ -189,7 +215,7 @@ fn validate(groups: &Groups, batch: &WriteBatch, overlay: &mut Vec<(u64, Range)>
         };
         range.apply(op, count).map_err(|e| e.into_error(group))?;
     }
-    overlay.extend(mine);
+    overlay.append(mine);
     Ok(())
 }
 
@@ -239,6 +265,7 @@ impl Inner {
         }
         self.commit.check_poison()?;
         let record = batch.body.encode(self.opts.compression_threshold);
+        batch.shift_spans_to_record();
         let payload = if self.cache.enabled() {
             crate::cache::Payload::take(&mut batch.body)
         } else {
@@ -325,7 +352,11 @@ impl Inner {
     /// writer that queued meanwhile (or gives it up), then completes `own` (the leader's own
     /// request: a synced one waits for durability, leading the sync stage if nobody does).
     fn lead(&self, own: &Arc<Request>) -> Result<()> {
-        let members = std::mem::take(&mut self.queue.lock().pending);
+        let mut members = {
+            let mut q = self.queue.lock();
+            let spare = std::mem::take(&mut q.spare);
+            std::mem::replace(&mut q.pending, spare)
+        };
         let outcome = self.write_group(&members);
         crate::telemetry::write_group(outcome.iter().filter(|r| r.is_ok()).count());
         let mut own_result: Result<Option<u64>> = Ok(None);
@@ -344,11 +375,15 @@ impl Inner {
                 Err(e) => m.signal.update(|s| s.written = Some(Err(e))),
             }
         }
+        members.clear();
         {
             let mut q = self.queue.lock();
             match q.pending.first() {
                 Some(next) => next.signal.update(|s| s.lead_write = true),
                 None => q.leader = false,
+            }
+            if members.capacity() <= 4096 {
+                q.spare = members;
             }
         }
         let own_waits_sync = own.sync && matches!(own_result, Ok(Some(_)));
@@ -369,13 +404,23 @@ impl Inner {
         if let Err(e) = self.commit.check_poison() {
             return members.iter().map(|_| Err(e.duplicate())).collect();
         }
+        let mut scratch = std::mem::take(&mut log.scratch);
         // Validate in order; refused members take no position.
-        let mut overlay: Vec<(u64, Range)> = Vec::new();
+        scratch.overlay.clear();
         let mut results: Vec<Result<u64>> = members
             .iter()
-            .map(|m| validate(&self.groups, &m.batch, &mut overlay).map(|()| 0))
+            .map(|m| {
+                validate(
+                    &self.groups,
+                    &m.batch,
+                    &mut scratch.overlay,
+                    &mut scratch.mine,
+                )
+                .map(|()| 0)
+            })
             .collect();
-        let mut placed: Vec<(usize, u64, u64)> = Vec::with_capacity(members.len());
+        let placed = &mut scratch.placed;
+        placed.clear();
         // Where this group starts in the tail buffer (earlier unsynced bytes may precede it).
         let mut group_start = self.tail.read().bytes.len();
         // Whether members were placed in a segment that a rotation then sealed.
@@ -407,7 +452,12 @@ impl Inner {
             if full || upgrade {
                 // The members placed so far go to the index first, so that the run counts the
                 // rotation reads for GC include them.
-                self.apply_placed(members, placed.get(applied..).unwrap_or(&[]));
+                self.apply_placed(
+                    members,
+                    placed.get(applied..).unwrap_or(&[]),
+                    &mut scratch.work,
+                    &mut scratch.slack_charged,
+                );
                 applied = placed.len();
                 split |= !placed.is_empty();
                 match self.rotate(&mut log) {
@@ -494,14 +544,19 @@ impl Inner {
             }
             return members.iter().map(|_| Err(e.duplicate())).collect();
         }
-        self.apply_placed(members, placed.get(applied..).unwrap_or(&[]));
+        self.apply_placed(
+            members,
+            placed.get(applied..).unwrap_or(&[]),
+            &mut scratch.work,
+            &mut scratch.slack_charged,
+        );
         log.written += 1;
         let seq = log.written;
         if self.tail.read().bytes.is_empty() {
             log.flushed_seq = seq;
         }
         // Register durability waiters in sequence order, still under the log lock.
-        for &(i, _, _) in &placed {
+        for &(i, _, _) in placed.iter() {
             let Some(m) = members.get(i) else { continue };
             if m.sync {
                 self.commit.register(seq, Waiter::Signal(m.signal.clone()));
@@ -512,12 +567,20 @@ impl Inner {
                 *r = Ok(seq);
             }
         }
+        log.scratch = scratch;
         results
     }
 
     /// Applies placed members `(member, segment, offset)` to the index: one lock per touched
-    /// shard, and one update of the segment run counts. Called with the log lock.
-    fn apply_placed(&self, members: &[Arc<Request>], placed: &[(usize, u64, u64)]) {
+    /// shard, and one update of the segment run counts. Called with the log lock; `work` and
+    /// `slack_charged` are reused buffers.
+    fn apply_placed(
+        &self,
+        members: &[Arc<Request>],
+        placed: &[(usize, u64, u64)],
+        work: &mut Vec<(usize, usize, usize)>,
+        slack_charged: &mut Vec<bool>,
+    ) {
         if placed.is_empty() {
             return;
         }
@@ -526,17 +589,7 @@ impl Inner {
             armed: self.gc.armed(),
             removed: Vec::new(),
         };
-        // Each placed member's spans, shifted to record offsets, once.
-        let spans: Vec<Vec<EntrySpan>> = placed
-            .iter()
-            .map(|&(i, _, _)| {
-                members
-                    .get(i)
-                    .map(|m| m.batch.record_spans())
-                    .unwrap_or_default()
-            })
-            .collect();
-        let mut work: Vec<(usize, usize, usize)> = Vec::new();
+        work.clear();
         for (p, &(i, _, _)) in placed.iter().enumerate() {
             if let Some(m) = members.get(i) {
                 for (k, op) in m.batch.ops.iter().enumerate() {
@@ -544,8 +597,11 @@ impl Inner {
                 }
             }
         }
-        work.sort_by_key(|w| w.0);
-        let mut slack_charged = vec![false; placed.len()];
+        // (shard, member, op) is unique: sorting whole tuples keeps each shard's ops in write
+        // order without the allocation of a stable sort.
+        work.sort_unstable();
+        slack_charged.clear();
+        slack_charged.resize(placed.len(), false);
         let mut at = 0;
         while let Some(&(shard_ix, _, _)) = work.get(at) {
             let mut shard = self.groups.shard_at(shard_ix).write();
@@ -554,11 +610,11 @@ impl Inner {
                     break;
                 }
                 at += 1;
-                let (Some(&(i, segment, offset)), Some(spans)) = (placed.get(p), spans.get(p))
-                else {
+                let Some(&(i, segment, offset)) = placed.get(p) else {
                     continue;
                 };
                 let Some(m) = members.get(i) else { continue };
+                let spans = &m.batch.spans;
                 let Some(op) = m.batch.ops.get(k) else {
                     continue;
                 };
@@ -885,12 +941,12 @@ mod tests {
             .shard(1)
             .write()
             .insert(1, crate::index::Group::default());
-        assert!(validate(&groups, &rewrite, &mut Vec::new()).is_ok());
+        assert!(validate(&groups, &rewrite, &mut Vec::new(), &mut Vec::new()).is_ok());
         // ...but not behind an unapplied owner write to the same group in one write group.
         let mut overlay = Vec::new();
-        validate(&groups, &owner, &mut overlay).unwrap();
+        validate(&groups, &owner, &mut overlay, &mut Vec::new()).unwrap();
         assert!(matches!(
-            validate(&groups, &rewrite, &mut overlay),
+            validate(&groups, &rewrite, &mut overlay, &mut Vec::new()),
             Err(Error::GroupChanged { .. })
         ));
     }

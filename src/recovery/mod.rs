@@ -495,7 +495,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, opts: &Options) -> Result
 mod tests {
     use super::*;
     use crate::checkpoint::GroupMeta;
-    use crate::codec::{seal_record, BodyBuilder};
+    use crate::codec::{seal_record, BodyBuilder, EntrySpan};
     use crate::fs::StdFs;
     use crate::index::Range;
     use crate::segment::{encode_header, segment_name};
@@ -503,7 +503,7 @@ mod tests {
     /// A record appending `n` entries at `first` to `group`.
     fn append_record(segment: u64, group: u64, first: u64, n: usize) -> Vec<u8> {
         let mut b = BodyBuilder::default();
-        let mut lens = Vec::new();
+        let mut lens: Vec<EntrySpan> = Vec::new();
         let entries: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; 10]).collect();
         b.append(group, first, &entries, &mut lens).unwrap();
         let mut rec = b.encode(usize::MAX);
