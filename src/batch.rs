@@ -60,7 +60,10 @@ impl WriteBatch {
         E: AsRef<[u8]>,
     {
         let start = self.spans.len();
-        match self.body.append(group, first_index, entries, &mut self.spans) {
+        match self
+            .body
+            .append(group, first_index, entries, &mut self.spans)
+        {
             Ok(()) if self.spans.len() > start => {
                 self.ops.push(Op::Append {
                     group,

@@ -98,6 +98,10 @@ struct State {
     ready_callbacks: Vec<(Callback, bool)>,
     poisoned: Option<String>,
     shutdown: bool,
+    /// Unsynced bytes passed `Options::bytes_per_sync`: the flusher runs a sync round even
+    /// though nobody waits, so that the fdatasync at the next rotation (on a writer's thread)
+    /// finds little left to write.
+    want_sync: bool,
     /// The parked writer the sync stage was handed to (while `syncing`). Set, together with its
     /// `lead_sync` flag, under this state's lock; a writer completing for another reason checks
     /// it under the same lock, so a handover is never lost.
@@ -112,7 +116,10 @@ impl State {
     /// Whether the sync stage has work and nobody leads it: waiters beyond `synced`, or waiters
     /// left to fail after poisoning.
     fn needs_leader(&self) -> bool {
-        !self.syncing && (self.pending() || self.poisoned.is_some() && !self.waiters.is_empty())
+        !self.syncing
+            && (self.pending()
+                || self.want_sync && self.poisoned.is_none()
+                || self.poisoned.is_some() && !self.waiters.is_empty())
     }
 
     /// Removes the waiters that `synced` covers.
@@ -147,7 +154,8 @@ pub(crate) trait Syncer {
     /// Writes out buffered bytes and fdatasyncs the active segment; returns the highest
     /// sequence number now durable, and, if the disk was too full to write out everything,
     /// the error for the waiters beyond it (the engine is not poisoned by that).
-    fn sync_active(&self) -> Result<(u64, Option<Error>)>;
+    /// `for_waiters` is false for a background round that nobody waits for.
+    fn sync_active(&self, for_waiters: bool) -> Result<(u64, Option<Error>)>;
 }
 
 /// Resets the `syncing` flag if a sync leader unwinds, so waiters are not stranded.
@@ -238,6 +246,17 @@ impl Commit {
         }
     }
 
+    /// Asks the flusher for a sync round nobody waits for (see `State::want_sync`).
+    pub(crate) fn request_background_sync(&self) {
+        let mut st = self.state.lock();
+        if st.poisoned.is_none() && !st.want_sync {
+            st.want_sync = true;
+            if !st.syncing {
+                self.flusher_cv.notify_all();
+            }
+        }
+    }
+
     pub(crate) fn synced(&self) -> u64 {
         self.state.lock().synced
     }
@@ -296,7 +315,9 @@ impl Commit {
     /// Leads the sync stage (the caller set `syncing` through [`Commit::kick`] or was handed
     /// leadership): fsyncs until no waiter is left beyond `synced`, or, if `hand_over`, hands
     /// leadership to another parked writer after the first round so the caller can return.
-    pub(crate) fn lead_syncs(&self, syncer: &dyn Syncer, hand_over: bool) {
+    /// Only the flusher passes `background`: it also runs the rounds nobody waits for
+    /// (`State::want_sync`); a writer leaving them undone wakes the flusher for them.
+    pub(crate) fn lead_syncs(&self, syncer: &dyn Syncer, hand_over: bool, background: bool) {
         let mut guard = SyncingGuard(self, true);
         self.state.lock().heir = None;
         loop {
@@ -304,6 +325,7 @@ impl Commit {
             if let Some(reason) = st.poisoned.clone() {
                 let all: Vec<Waiter> = st.waiters.drain(..).map(|(_, w)| w).collect();
                 st.syncing = false;
+                st.want_sync = false;
                 guard.1 = false;
                 drop(st);
                 for w in all {
@@ -313,10 +335,15 @@ impl Commit {
                 }
                 return;
             }
-            if !st.pending() {
+            let round_for_nobody = background && std::mem::take(&mut st.want_sync);
+            let for_waiters = st.pending();
+            if !for_waiters && !round_for_nobody {
                 let ready = st.take_ready();
                 st.syncing = false;
                 guard.1 = false;
+                if st.want_sync {
+                    self.flusher_cv.notify_all();
+                }
                 drop(st);
                 for w in ready {
                     w.complete(Ok(()));
@@ -324,7 +351,7 @@ impl Commit {
                 return;
             }
             drop(st);
-            let result = syncer.sync_active();
+            let result = syncer.sync_active(for_waiters);
             let mut st = self.state.lock();
             let mut short_of = Vec::new();
             let ready = match result {
@@ -368,6 +395,9 @@ impl Commit {
                 guard.1 = false;
                 h.update(|s| s.lead_sync = true);
                 st.heir = Some(h.clone());
+                if st.want_sync {
+                    self.flusher_cv.notify_all();
+                }
             }
             drop(st);
             for w in ready {
@@ -386,7 +416,7 @@ impl Commit {
     /// durable, leading the sync stage when asked to.
     pub(crate) fn wait_durable(&self, signal: &Signal, syncer: &dyn Syncer) -> Result<()> {
         if self.kick(true) {
-            self.lead_syncs(syncer, true);
+            self.lead_syncs(syncer, true, false);
         }
         loop {
             enum Next {
@@ -419,11 +449,11 @@ impl Commit {
                     };
                     if heir {
                         signal.st.lock().lead_sync = false;
-                        self.lead_syncs(syncer, false);
+                        self.lead_syncs(syncer, false, false);
                     }
                     return r;
                 }
-                Next::Lead => self.lead_syncs(syncer, true),
+                Next::Lead => self.lead_syncs(syncer, true, false),
             }
         }
     }
@@ -466,7 +496,7 @@ impl Commit {
                 Waiter::Callback(cb).complete(result);
             }
             if lead {
-                self.lead_syncs(syncer, false);
+                self.lead_syncs(syncer, false, true);
             }
         }
     }
@@ -490,7 +520,7 @@ mod tests {
     }
 
     impl Syncer for FakeSync {
-        fn sync_active(&self) -> Result<(u64, Option<Error>)> {
+        fn sync_active(&self, _for_waiters: bool) -> Result<(u64, Option<Error>)> {
             self.syncs.fetch_add(1, Ordering::SeqCst);
             if self.fail {
                 return Err(Error::Io {
@@ -588,7 +618,7 @@ mod tests {
     fn a_panicking_syncer_poisons_instead_of_stranding_waiters() {
         struct Panics;
         impl Syncer for Panics {
-            fn sync_active(&self) -> Result<(u64, Option<Error>)> {
+            fn sync_active(&self, _for_waiters: bool) -> Result<(u64, Option<Error>)> {
                 panic!("syncer bug")
             }
         }
@@ -596,12 +626,12 @@ mod tests {
         let sig = Arc::new(Signal::default());
         c.register(1, Waiter::Signal(sig.clone()));
         assert!(c.kick(true));
-        let r = catch_unwind(AssertUnwindSafe(|| c.lead_syncs(&Panics, true)));
+        let r = catch_unwind(AssertUnwindSafe(|| c.lead_syncs(&Panics, true, false)));
         assert!(r.is_err());
         assert!(c.poisoned().is_some(), "the unwinding leader poisoned");
         // The next leader fails the stranded waiter instead of leaving it parked.
         assert!(c.kick(true));
-        c.lead_syncs(&fake(1, false), true);
+        c.lead_syncs(&fake(1, false), true, false);
         let got = sig.wait_for(|st| st.durable.take());
         assert!(matches!(got, Err(Error::Poisoned { .. })));
     }

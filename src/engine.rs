@@ -526,6 +526,7 @@ impl Engine {
                 syncs_in_segment: 0,
                 reserved,
                 scratch: Default::default(),
+                unsynced_bytes: 0,
             }),
             tail: RwLock::new(Tail {
                 segment,

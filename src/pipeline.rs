@@ -151,6 +151,9 @@ pub(crate) struct LogWriter {
     pub(crate) reserved: u64,
     /// Buffers a write group reuses (their capacity stays between groups).
     pub(crate) scratch: Scratch,
+    /// Bytes written to the active segment's file since its last fdatasync (see
+    /// `Options::bytes_per_sync`).
+    pub(crate) unsynced_bytes: u64,
 }
 
 /// The write leader's working buffers, kept with the log (whose lock the leader holds) so that
@@ -220,7 +223,7 @@ fn validate(
 }
 
 impl Syncer for Inner {
-    fn sync_active(&self) -> Result<(u64, Option<Error>)> {
+    fn sync_active(&self, for_waiters: bool) -> Result<(u64, Option<Error>)> {
         let (file, target, short, point) = {
             let mut log = self.log.lock();
             // A full disk leaves buffered bytes unwritten: sync what the file holds, and let
@@ -230,7 +233,11 @@ impl Syncer for Inner {
                 Err(e @ Error::NoSpace { .. }) => Some(e),
                 Err(e) => return Err(e),
             };
-            self.note_sync(&mut log);
+            // A background round says nothing about the workload (see `note_sync`).
+            if for_waiters {
+                self.note_sync(&mut log);
+            }
+            log.unsynced_bytes = 0;
             let file_end = self.tail.read().base;
             (
                 log.file.clone(),
@@ -532,6 +539,11 @@ impl Inner {
                 failure = Some(e);
             }
         }
+        // Unsynced bytes piling up in the page cache: the flusher syncs them in the
+        // background, so the rotation's fdatasync (on this thread) finds little left.
+        if self.opts.bytes_per_sync > 0 && log.unsynced_bytes >= self.opts.bytes_per_sync {
+            self.commit.request_background_sync();
+        }
         if let Some(e) = failure {
             // Nothing of this group reached the index unless a rotation happened (and then the
             // engine is poisoned below). A full disk refuses it cleanly only if
@@ -679,6 +691,7 @@ impl Inner {
             return Err(err);
         }
         crate::telemetry::bytes_written(len);
+        log.unsynced_bytes += len;
         let mut tail = self.tail.write();
         tail.base = base + len;
         tail.bytes.clear();
@@ -877,6 +890,7 @@ impl Inner {
         self.commit.guarded_sync(&what, || log.file.sync_data())?;
         self.sync_point.rotated(log.segment, log.offset);
         self.commit.mark_synced(log.written);
+        log.unsynced_bytes = 0;
         log.reserved = file.len().unwrap_or(SEGMENT_HEADER_LEN);
         let segments = {
             let mut segments = self.segments.write();

@@ -426,3 +426,57 @@ fn many_writers_across_rotations_all_complete() {
     }
     assert!(engine.stats().active_segment > 5, "rotations happened");
 }
+
+/// `Options::bytes_per_sync`: unsynced writes past the threshold get an fdatasync that nobody
+/// asked for, on the flusher's thread: it arrives at the gate while no synced write, `sync()`
+/// or rotation is pending, unsynced writers go on while it waits there, and once it returns the
+/// bytes written before it are in the durable image.
+#[test]
+fn unsynced_bytes_past_the_threshold_are_synced_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, opts) = gated();
+    // Segments far larger than what is written: no rotation, so no rotation fsync.
+    let opts = opts.segment_size(64 << 20).bytes_per_sync(256 << 10);
+    // Open with the gate open (creating the first segment syncs), then close it.
+    shared.gate.open_all();
+    let engine = Engine::open(dir.path(), opts).unwrap();
+    shared.gate.st.lock().unwrap().open = false;
+    let first = payload(1, 0);
+    let mut i = 0u64;
+    let mut write = |engine: &Engine, p: &[u8]| {
+        i += 1;
+        let mut b = WriteBatch::new();
+        b.append(1, i, [p, &[0x5a; 1024][..]]);
+        engine.write_unsynced(b).unwrap();
+        i += 1;
+    };
+    write(&engine, &first);
+    // Past the threshold (the tail buffer goes to the file every 64 KiB).
+    for k in 1..400u64 {
+        write(&engine, &payload(1, k));
+    }
+    assert!(!durable(&shared, &first), "nothing was synced yet");
+    // A sync arrives at the gate by itself. (`release_one` waits on the gate's condition
+    // variable for it; `done` bounds that wait if none ever comes.)
+    let done = AtomicBool::new(false);
+    let arrived = {
+        let st = shared.gate.st.lock().unwrap();
+        let (st, _) = shared
+            .gate
+            .cv
+            .wait_timeout_while(st, std::time::Duration::from_secs(60), |st| st.waiting == 0)
+            .unwrap();
+        st.waiting > 0
+    };
+    assert!(arrived, "no background fdatasync came");
+    // Writers are not held up by it.
+    let during = payload(2, 0);
+    write(&engine, &during);
+    assert!(shared.gate.release_one(&done));
+    // `sync()` then covers the rest (and would hang here if the background round had left
+    // the sync stage stuck).
+    shared.gate.open_all();
+    engine.sync().unwrap();
+    assert!(durable(&shared, &first));
+    assert!(durable(&shared, &during));
+}
