@@ -603,6 +603,14 @@ impl Engine {
     /// fdatasync that covers the batch has returned, or with the error that stopped it. If this
     /// function returns an error, nothing was written and `on_durable` is dropped uncalled.
     ///
+    /// Like [`Engine::write_unsynced`], it copies the batch into the engine's tail buffer and
+    /// makes no system call of its own (beyond waking the flusher, which writes the buffer out
+    /// and fdatasyncs it), so it may be called from an async runtime's thread. Two exceptions,
+    /// both rare: the write that fills a segment seals it (write out, trim, fdatasync of what
+    /// is left unsynced, at most [`Options::bytes_per_sync`](crate::Options::bytes_per_sync)
+    /// plus the tail), and the write that reaches the end of the segment's reserved space
+    /// reserves the next step (one `fallocate`, every 1 to 16 MiB).
+    ///
     /// # Errors
     ///
     /// As [`Engine::write`].

@@ -528,12 +528,16 @@ impl Inner {
             let prefill = self.opts.prefill_segments && log.syncs_in_segment >= PREFILL_AFTER_SYNCS;
             log.next = Some(self.prepare(log.segment + 1, prefill));
         }
-        // Writes that want durability go to the file now (so a full disk refuses them, before
-        // anything is acknowledged or applied); unsynced ones wait in the buffer until it fills.
+        // Synced writes go to the file now (so a full disk refuses them, before anything is
+        // acknowledged or applied; their thread waits anyway). Unsynced and asynchronous ones
+        // wait in the buffer until it fills: an asynchronous writer is often an async runtime
+        // thread, which must not make the system call; the sync round that makes it durable (on
+        // the flusher) writes the buffer out first. Their space was reserved above, so that
+        // write does not find the disk full either.
         let wants_durability = placed
             .iter()
             .filter_map(|&(i, _, _)| members.get(i))
-            .any(|m| m.sync || m.is_async);
+            .any(|m| m.sync);
         if failure.is_none() && (wants_durability || self.tail.read().bytes.len() >= FLUSH_AT) {
             if let Err(e) = self.flush_tail(&mut log, Some(group_start)) {
                 failure = Some(e);

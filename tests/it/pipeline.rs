@@ -480,3 +480,145 @@ fn unsynced_bytes_past_the_threshold_are_synced_in_the_background() {
     assert!(durable(&shared, &first));
     assert!(durable(&shared, &during));
 }
+
+/// A file system that records which thread makes each write and fsync.
+#[derive(Debug, Default)]
+struct ThreadLog {
+    calls: Mutex<Vec<(String, &'static str)>>,
+}
+
+#[derive(Debug)]
+struct ThreadLogFs {
+    inner: StdFs,
+    log: Arc<ThreadLog>,
+}
+
+#[derive(Debug)]
+struct ThreadLogFile {
+    inner: Arc<dyn FsFile>,
+    log: Arc<ThreadLog>,
+}
+
+impl ThreadLog {
+    fn note(&self, what: &'static str) {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        self.calls.lock().unwrap().push((name, what));
+    }
+}
+
+impl FsFile for ThreadLogFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.log.note("write");
+        self.inner.write_all_at(buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.log.note("fdatasync");
+        self.inner.sync_data()
+    }
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        self.log.note("allocate");
+        self.inner.allocate(len)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.log.note("set_len");
+        self.inner.set_len(len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+}
+
+impl FileSystem for ThreadLogFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn FsFile>> {
+        Ok(Arc::new(ThreadLogFile {
+            inner: self.inner.create(path)?,
+            log: self.log.clone(),
+        }))
+    }
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn FsFile>> {
+        Ok(Arc::new(ThreadLogFile {
+            inner: self.inner.open(path)?,
+            log: self.log.clone(),
+        }))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.log.note("rename");
+        self.inner.rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.log.note("remove");
+        self.inner.remove(path)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.log.note("sync_dir");
+        self.inner.sync_dir(dir)
+    }
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn DirLock>> {
+        self.inner.lock(path)
+    }
+}
+
+/// `write_async` and `write_unsynced` make no file system call on the caller's thread (short of
+/// a rotation or a reservation step, which these small writes never reach): an async runtime
+/// thread can call them. The writes still become durable: every callback reports `Ok`, after
+/// fdatasyncs made by other threads.
+#[test]
+fn asynchronous_writes_make_no_file_system_call_on_the_callers_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(ThreadLog::default());
+    let opts = Options::default()
+        .segment_size(64 << 20)
+        .file_system(Arc::new(ThreadLogFs {
+            inner: StdFs,
+            log: log.clone(),
+        }));
+    let engine = Engine::open(dir.path(), opts).unwrap();
+    log.calls.lock().unwrap().clear();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let n = 200u64;
+    std::thread::Builder::new()
+        .name("async-caller".into())
+        .spawn({
+            let engine = engine.clone();
+            move || {
+                for i in 0..n {
+                    let mut b = WriteBatch::new();
+                    b.append(1 + i % 7, 1 + i / 7, [payload(0, i)]);
+                    let tx = tx.clone();
+                    if i % 2 == 0 {
+                        engine.write_async(b, move |r| tx.send(r).unwrap()).unwrap();
+                    } else {
+                        engine.write_unsynced(b).unwrap();
+                    }
+                }
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    for _ in 0..n / 2 {
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("every callback is called");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let calls = log.calls.lock().unwrap().clone();
+    let on_caller: Vec<_> = calls.iter().filter(|(t, _)| t == "async-caller").collect();
+    assert!(
+        on_caller.is_empty(),
+        "file system calls on the caller's thread: {on_caller:?}"
+    );
+    assert!(
+        calls.iter().any(|(_, w)| *w == "fdatasync"),
+        "the callbacks were completed by an fdatasync on another thread"
+    );
+}
