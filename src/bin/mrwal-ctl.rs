@@ -7,6 +7,21 @@
 //! Exit codes: 0 success (for `check`: no problem); 1 `check` found problems, or `repair
 //! --dry-run` found something to repair; 2 the command failed (bad path, I/O error, usage).
 
+/// `println!` that ends the process quietly (exit 0) when stdout is a closed pipe (`mrwal-ctl
+/// dump | head`), instead of panicking; other write errors end it with exit 2.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("mrwal-ctl: writing to stdout: {e}");
+            std::process::exit(2);
+        }
+    }};
+}
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -175,7 +190,7 @@ fn table(head: &[&str], rows: &[Vec<String>]) {
             .zip(&width)
             .map(|(c, w)| format!("{c:>w$}"))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        out!("{}", s.join("  ").trim_end());
     };
     line(head.to_vec());
     for r in rows {
@@ -313,61 +328,61 @@ fn stat(dir: &Path, mode: Mode, as_json: bool) -> anyhow::Result<ExitCode> {
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
             },
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        out!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("directory   {}", v.dir.display());
+    out!("directory   {}", v.dir.display());
     if v.engine_running {
-        println!(
+        out!(
             "WARNING     an engine holds the directory: the view may include a tail being written"
         );
     }
     let total: u64 = v.segments.iter().map(|s| s.bytes).sum();
-    println!("segments    {} files, {total} bytes", v.segments.len());
-    println!("checkpoint  {}", describe_checkpoint(&v.checkpoint));
-    println!("seal        {}", describe_seal(&v.seal));
-    println!(
+    out!("segments    {} files, {total} bytes", v.segments.len());
+    out!("checkpoint  {}", describe_checkpoint(&v.checkpoint));
+    out!("seal        {}", describe_seal(&v.seal));
+    out!(
         "groups      {} ({} entries)",
         groups.len(),
         groups.iter().map(|g| g.entries).sum::<u64>()
     );
     if !v.other_files.is_empty() {
-        println!("other files {}", v.other_files.join(", "));
+        out!("other files {}", v.other_files.join(", "));
     }
-    println!();
+    out!("");
     let rows: Vec<Vec<String>> = v
         .segments
         .iter()
         .map(|s| vec![s.id.to_string(), s.name.clone(), s.bytes.to_string()])
         .collect();
     table(&["segment", "file", "bytes"], &rows);
-    println!();
+    out!("");
     match &v.recovery {
         Ok(f) => {
             let r = &f.report;
-            println!(
+            out!(
                 "an open ({}) would recover {} records, {} entries from {} segments ({} bytes); clean seal: {}",
                 mode_name(mode), r.records, r.entries, r.segments, r.bytes, r.clean_seal
             );
             for sk in &r.skipped {
-                println!(
+                out!(
                     "  and skip segment {} bytes {}..{}: {}",
                     sk.segment, sk.start, sk.end, sk.reason
                 );
             }
             if let Some(reason) = &r.seal_ignored {
-                println!("  seal file ignored: {reason}");
+                out!("  seal file ignored: {reason}");
             }
             if f.changes.is_empty() {
-                println!("  and change nothing");
+                out!("  and change nothing");
             } else {
-                println!("  and change (not done by this command):");
+                out!("  and change (not done by this command):");
                 for c in &f.changes {
-                    println!("  - {c}");
+                    out!("  - {c}");
                 }
             }
         }
-        Err(e) => println!("an open ({}) would FAIL: {e}\n  (run `mrwal-ctl check` for every problem, `repair --dry-run` for a fix)", mode_name(mode)),
+        Err(e) => out!("an open ({}) would FAIL: {e}\n  (run `mrwal-ctl check` for every problem, `repair --dry-run` for a fix)", mode_name(mode)),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -385,7 +400,7 @@ fn groups_cmd(dir: &Path, mode: Mode, as_json: bool) -> anyhow::Result<ExitCode>
     let groups = v.groups();
     if as_json {
         let out: Vec<Value> = groups.iter().map(group_json).collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        out!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<Vec<String>> = groups
@@ -459,16 +474,16 @@ fn dump(
             .iter()
             .map(|(i, e, d)| json!({"index": i, "bytes": e.len(), "hex": hex(e), "decoded": d}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        out!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
     if decoded.is_empty() {
-        println!("group {group}: no entry in that range");
+        out!("group {group}: no entry in that range");
     }
     for (i, e, d) in decoded {
         match d {
-            Some(d) => println!("{i}\t{} bytes\topenraft {d}", e.len()),
-            None => println!("{i}\t{} bytes\thex {}", e.len(), hex(e)),
+            Some(d) => out!("{i}\t{} bytes\topenraft {d}", e.len()),
+            None => out!("{i}\t{} bytes\thex {}", e.len(), hex(e)),
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -502,14 +517,14 @@ fn check_cmd(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
         ExitCode::from(1)
     };
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&check_json(&r))?);
+        out!("{}", serde_json::to_string_pretty(&check_json(&r))?);
         return Ok(code);
     }
     if r.engine_running {
-        println!("WARNING: an engine holds the directory: a tail being written may show as torn");
+        out!("WARNING: an engine holds the directory: a tail being written may show as torn");
     }
     let records: u64 = r.segments.iter().map(|s| s.records).sum();
-    println!(
+    out!(
         "checked {} segments, {records} records{}",
         r.segments.len(),
         if r.stale_segments.is_empty() {
@@ -523,11 +538,11 @@ fn check_cmd(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
         }
     );
     if r.is_clean() {
-        println!("clean: no problem found");
+        out!("clean: no problem found");
         return Ok(code);
     }
     let n = r.problems.len();
-    println!("{n} problem{}:", if n == 1 { "" } else { "s" });
+    out!("{n} problem{}:", if n == 1 { "" } else { "s" });
     let rows: Vec<Vec<String>> = r
         .problems
         .iter()
@@ -576,12 +591,12 @@ fn plan_json(plan: &RepairPlan) -> Value {
 fn print_plan(plan: &RepairPlan) {
     match plan {
         RepairPlan::Nothing => {
-            println!("nothing to repair: a normal open succeeds and drops no data")
+            out!("nothing to repair: a normal open succeeds and drops no data")
         }
         RepairPlan::Open { changes } => {
-            println!("a normal open (tolerate-tail) will make these changes:");
+            out!("a normal open (tolerate-tail) will make these changes:");
             for c in changes {
-                println!("  - {c}");
+                out!("  - {c}");
             }
         }
         RepairPlan::Rebuild {
@@ -591,15 +606,18 @@ fn print_plan(plan: &RepairPlan) {
             groups,
             entries,
         } => {
-            println!("a normal open fails: {refusal}");
-            println!("tolerate-any recovery drops:");
+            out!("a normal open fails: {refusal}");
+            out!("tolerate-any recovery drops:");
             for s in dropped {
                 if s.segment == 0 {
-                    println!("  - {}", s.reason);
+                    out!("  - {}", s.reason);
                 } else {
-                    println!(
+                    out!(
                         "  - segment {} bytes {}..{}: {}",
-                        s.segment, s.start, s.end, s.reason
+                        s.segment,
+                        s.start,
+                        s.end,
+                        s.reason
                     );
                 }
             }
@@ -610,17 +628,17 @@ fn print_plan(plan: &RepairPlan) {
                 ..
             }) = tail_cut
             {
-                println!("  - torn tail of segment {s}: {b} bytes from offset {o}");
+                out!("  - torn tail of segment {s}: {b} bytes from offset {o}");
             }
-            println!(
+            out!(
                 "repair writes the remaining {groups} groups ({entries} entries) into a new directory, checks it, \
                  and swaps it in; the damaged directory is kept beside it as <dir>.damaged-<time>"
             );
         }
         RepairPlan::Impossible { refusal, reason } => {
-            println!("cannot repair: a normal open fails ({refusal}) and so does tolerate-any recovery ({reason})");
+            out!("cannot repair: a normal open fails ({refusal}) and so does tolerate-any recovery ({reason})");
         }
-        _ => println!("unknown plan"),
+        _ => out!("unknown plan"),
     }
 }
 
@@ -631,7 +649,7 @@ fn repair_cmd(dir: &Path, dry_run: bool, as_json: bool) -> anyhow::Result<ExitCo
     let needed = !matches!(plan, RepairPlan::Nothing);
     if dry_run || !needed {
         if as_json {
-            println!(
+            out!(
                 "{}",
                 serde_json::to_string_pretty(
                     &json!({"dry_run": dry_run, "plan": plan_json(&plan)})
@@ -669,7 +687,7 @@ fn repair_cmd(dir: &Path, dry_run: bool, as_json: bool) -> anyhow::Result<ExitCo
         _ => json!({"done": "unknown"}),
     };
     if as_json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(
                 &json!({"dry_run": false, "plan": plan_json(&plan), "outcome": done})
@@ -677,11 +695,11 @@ fn repair_cmd(dir: &Path, dry_run: bool, as_json: bool) -> anyhow::Result<ExitCo
         );
     } else {
         match outcome {
-            RepairOutcome::Rebuilt { backup, .. } => println!(
+            RepairOutcome::Rebuilt { backup, .. } => out!(
                 "repaired; the damaged directory is kept at {} (delete it once satisfied)",
                 backup.display()
             ),
-            _ => println!("repaired"),
+            _ => out!("repaired"),
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -693,7 +711,7 @@ fn gc_cmd(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
     let r = engine.gc()?;
     drop(engine);
     if as_json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "deleted_segments": r.deleted_segments,
@@ -705,7 +723,7 @@ fn gc_cmd(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    out!(
         "deleted {} segments ({} bytes freed){}; {} segments live; rewrote groups {:?}",
         r.deleted_segments.len(),
         r.freed_bytes,
@@ -718,7 +736,7 @@ fn gc_cmd(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
         r.rewritten_groups
     );
     if !r.holders.is_empty() {
-        println!("groups holding old segments (purge them to let GC go further):");
+        out!("groups holding old segments (purge them to let GC go further):");
         let rows: Vec<Vec<String>> = r
             .holders
             .iter()

@@ -443,6 +443,40 @@ fn ctl_gc_runs_on_a_closed_directory() {
         .is_clean());
 }
 
+/// A reader that stops early (`mrwal-ctl dump | head -1`) ends the tool quietly with exit 0, not
+/// with a panic about a broken pipe.
+#[test]
+fn ctl_output_into_a_closed_pipe_exits_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("case");
+    {
+        let e = Engine::open(&dir, options()).unwrap();
+        let mut b = WriteBatch::new();
+        let entries: Vec<Vec<u8>> = (0..2000u32).map(|i| i.to_le_bytes().repeat(8)).collect();
+        b.append(1, 1, &entries);
+        e.write(b).unwrap();
+    }
+    let mut child = Command::new(BIN)
+        .arg("--dir")
+        .arg(&dir)
+        .args(["dump", "--group", "1", "--count", "2000", "--hex"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read one line, then close the pipe: the rest of the 2,000 lines (far more than a pipe
+    // buffer holds) meet a closed pipe.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    assert!(!first.is_empty());
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// `dump` decodes entries written by the openraft adapter's default codec, and prints hex for
 /// bytes that are not one.
 #[cfg(feature = "openraft")]
