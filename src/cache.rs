@@ -31,7 +31,7 @@
 //!   as the append's index entry), so it never makes unsynced data more visible than the tail
 //!   buffer already does, and never makes anything durable.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -40,7 +40,7 @@ use parking_lot::Mutex;
 use crate::codec::EntrySpan;
 #[cfg(test)]
 use crate::index::Run;
-use crate::index::{EntryIndex, EntryLoc, Group, Groups, RecordPos};
+use crate::index::{EntryIndex, EntryLoc, GroupMap, Groups, RecordPos};
 
 /// Bytes charged per cached append besides its payload: its slot in the group's cache and in
 /// the eviction queue, rounded up.
@@ -83,13 +83,31 @@ impl GroupCache {
     }
 
     /// The cached append holding `loc` and the entry's range in its payload.
+    ///
+    /// The group's cached appends are usually its last runs, one each, so the append at
+    /// `loc.later_runs` from the back is tried first (O(1)); a miss falls back to the binary
+    /// search. Either way the answer is checked against the located record and span, so a
+    /// wrong hint costs time, never correctness.
     fn find(&self, loc: &EntryLoc) -> Option<(&Cached, usize, usize)> {
         if self.recs.is_empty() {
             return None;
         }
+        let hinted = self
+            .recs
+            .len()
+            .checked_sub(loc.later_runs.saturating_add(1))
+            .and_then(|i| self.recs.get(i))
+            .and_then(|c| Self::holds(c, loc));
+        if hinted.is_some() {
+            return hinted;
+        }
         let key = (loc.run.segment, loc.run.rec_off, loc.span.off);
         let at = self.recs.partition_point(|c| c.key() <= key);
-        let c = self.recs.get(at.checked_sub(1)?)?;
+        Self::holds(self.recs.get(at.checked_sub(1)?)?, loc)
+    }
+
+    /// `c` and the entry's range in it, if `c` is a slice of `loc`'s record covering its span.
+    fn holds<'a>(c: &'a Cached, loc: &EntryLoc) -> Option<(&'a Cached, usize, usize)> {
         if (c.segment, c.rec_off) != (loc.run.segment, loc.run.rec_off) {
             return None;
         }
@@ -218,7 +236,7 @@ impl EntryCache {
     /// says whether this is the first append cached from `payload` (it carries the slack).
     pub(crate) fn fill(
         &self,
-        shard: &mut HashMap<u64, Group>,
+        shard: &mut GroupMap,
         group: u64,
         pos: RecordPos,
         spans: &[EntrySpan],
@@ -309,6 +327,38 @@ mod tests {
                 rec_len: 1000,
             },
             span: EntrySpan { off, len },
+            later_runs: 0,
+        }
+    }
+
+    /// Whatever the run hint says (right, wrong, out of range), a lookup answers only from a
+    /// slice of the located record covering the span.
+    #[test]
+    fn run_hint_is_checked_never_trusted() {
+        let mut gc = GroupCache::default();
+        for r in 0..6u32 {
+            gc.push(Cached {
+                segment: 1,
+                rec_off: 32 + r * 100,
+                base: 10,
+                payload: Bytes::from(vec![r as u8; 8]),
+            });
+        }
+        for r in 0..8u32 {
+            for hint in [0, 1, 2, 5, 6, 7, usize::MAX] {
+                let mut l = loc(1, 32 + r * 100, 12, 4);
+                l.later_runs = hint;
+                let got = gc.get(&l);
+                if r < 6 {
+                    assert_eq!(got.unwrap(), vec![r as u8; 4], "record {r}, hint {hint}");
+                } else {
+                    assert!(got.is_none(), "record {r}, hint {hint}");
+                }
+                // A span past the cached slice is not served, hinted or not.
+                let mut l = loc(1, 32 + r * 100, 16, 8);
+                l.later_runs = hint;
+                assert!(gc.get(&l).is_none(), "record {r}, hint {hint}");
+            }
         }
     }
 
