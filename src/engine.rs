@@ -339,6 +339,8 @@ impl Inner {
         self.groups
             .read(group, |g| -> Result<()> {
                 let mut bytes = 0usize;
+                let r = g.entries.range();
+                let end = r.first + r.len;
                 for index in range {
                     if !pieces.is_empty() && bytes >= max_bytes {
                         break;
@@ -347,7 +349,7 @@ impl Inner {
                         break;
                     };
                     bytes = bytes.saturating_add(loc.span.len as usize);
-                    if let Some(b) = g.cache.get(&loc) {
+                    if let Some(b) = g.cache.get(&loc, index, end) {
                         pieces.push(Piece::Cached(b));
                         continue;
                     }
@@ -717,10 +719,12 @@ impl Engine {
             .groups
             .read(group, |g| {
                 let loc = g.entries.locate(index)?;
+                let r = g.entries.range();
+                let end = r.first + r.len;
                 let cached = if copy {
-                    g.cache.copy(&loc).map(Located::Copied)
+                    g.cache.copy(&loc, index, end).map(Located::Copied)
                 } else {
-                    g.cache.get(&loc).map(Located::Cached)
+                    g.cache.get(&loc, index, end).map(Located::Cached)
                 };
                 Some(match cached {
                     Some(found) => Ok(found),

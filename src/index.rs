@@ -662,18 +662,22 @@ const SHARDS: usize = 64;
 /// about as much as the rest of the probe.
 pub(crate) type GroupMap = HashMap<u64, Group, foldhash::fast::RandomState>;
 
+/// One shard: its lock and map header on a cache line of their own, so that a writer locking
+/// one shard does not take the line a reader of the neighbouring shard needs.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Shard(RwLock<GroupMap>);
+
 /// All groups, sharded so that readers of different groups rarely meet on a lock.
 #[derive(Debug)]
 pub(crate) struct Groups {
-    shards: Vec<RwLock<GroupMap>>,
+    shards: Vec<Shard>,
 }
 
 impl Default for Groups {
     fn default() -> Self {
         Groups {
-            shards: (0..SHARDS)
-                .map(|_| RwLock::new(GroupMap::default()))
-                .collect(),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
         }
     }
 }
@@ -690,11 +694,11 @@ impl Groups {
     }
 
     pub(crate) fn shard_at(&self, index: usize) -> &RwLock<GroupMap> {
-        &self.shards[index % SHARDS]
+        &self.shards[index % SHARDS].0
     }
 
-    pub(crate) fn shards(&self) -> &[RwLock<GroupMap>] {
-        &self.shards
+    pub(crate) fn shards(&self) -> impl Iterator<Item = &RwLock<GroupMap>> {
+        self.shards.iter().map(|s| &s.0)
     }
 
     pub(crate) fn read<R>(&self, group: u64, f: impl FnOnce(&Group) -> R) -> Option<R> {
