@@ -89,14 +89,22 @@ impl GroupCache {
     /// The cached append holding `loc` (entry `index` of a group whose entries end before
     /// `end`) and the entry's range in its payload.
     ///
-    /// Found without a binary search in the common case, by two guesses that depend only on
-    /// the group's range and this cache (so they do not wait for the run lookup): the position
-    /// interpolated from the entry index over the cached appends' first indexes, then the
-    /// append at `loc.later_runs` from the back (appends are usually the group's last runs, one
-    /// each). A miss of both falls back to the binary search. Either way the answer is checked
-    /// against the located record and span, so a wrong guess costs time, never correctness.
+    /// Found without a binary search in the common case, by two guesses: the append at
+    /// `loc.later_runs` from the back (appends are usually the group's last runs, one each; no
+    /// other cache line is read), then the position interpolated from the entry index over the
+    /// cached appends' first indexes (right where the runs and the appends do not line up, e.g.
+    /// after an append was not cached). A miss of both falls back to the binary search. Every
+    /// answer is checked against the located record and span, so a wrong guess costs time,
+    /// never correctness.
     fn find(&self, loc: &EntryLoc, index: u64, end: u64) -> Option<(&Cached, usize, usize)> {
         let n = self.recs.len();
+        let hinted = n
+            .checked_sub(loc.later_runs.saturating_add(1))
+            .and_then(|i| self.recs.get(i))
+            .and_then(|c| Self::holds(c, loc));
+        if hinted.is_some() {
+            return hinted;
+        }
         let front = self.recs.front()?.first;
         if let Some(guess) = index
             .checked_sub(front)
@@ -108,13 +116,6 @@ impl GroupCache {
                     return Some(hit);
                 }
             }
-        }
-        let hinted = n
-            .checked_sub(loc.later_runs.saturating_add(1))
-            .and_then(|i| self.recs.get(i))
-            .and_then(|c| Self::holds(c, loc));
-        if hinted.is_some() {
-            return hinted;
         }
         let key = (loc.run.segment, loc.run.rec_off, loc.span.off);
         let at = self.recs.partition_point(|c| c.key() <= key);

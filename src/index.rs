@@ -341,18 +341,24 @@ impl EntryIndex {
     /// the binary search to the side it failed on. O(1) for even runs, O(log runs) at worst.
     fn run_at(&self, index: u64) -> Option<usize> {
         let n = self.runs.len();
-        let front = self.runs.front()?.first;
-        if index < front {
+        if n == 0 {
             return None;
         }
-        // One past the last entry; every run starts below it.
+        // Interpolated over the group's range rather than from the front run's first index
+        // (which a purge may leave below it): one cache line fewer to read; a guess off by the
+        // purged part of the front run is caught by the check below.
+        let front = self.range.first;
         let end = self.range.first + self.range.len;
         let width = end.checked_sub(front).filter(|w| *w > 0)?;
-        let guess = (index - front)
-            .checked_mul(n as u64)
+        let guess = index
+            .checked_sub(front)
+            .and_then(|d| d.checked_mul(n as u64))
             .map_or(n / 2, |x| (x / width) as usize)
             .min(n - 1);
         let holds = |i: usize| self.runs.get(i).is_some_and(|r| r.first <= index);
+        if !holds(0) {
+            return None;
+        }
         let (lo, hi) = if holds(guess) {
             if !holds(guess + 1) {
                 return Some(guess);
