@@ -31,7 +31,7 @@
 //!   as the append's index entry), so it never makes unsynced data more visible than the tail
 //!   buffer already does, and never makes anything durable.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -40,7 +40,7 @@ use parking_lot::Mutex;
 use crate::codec::EntrySpan;
 #[cfg(test)]
 use crate::index::Run;
-use crate::index::{EntryIndex, EntryLoc, Group, Groups, RecordPos};
+use crate::index::{EntryIndex, EntryLoc, GroupMap, Groups, RecordPos};
 
 /// Bytes charged per cached append besides its payload: its slot in the group's cache and in
 /// the eviction queue, rounded up.
@@ -53,6 +53,9 @@ struct Cached {
     segment: u32,
     rec_off: u32,
     base: u32,
+    /// The index of the append's first entry when it was cached: only a hint for finding the
+    /// append by entry index (an overwrite can make it stale; lookups check the record).
+    first: u64,
     payload: Bytes,
 }
 
@@ -69,27 +72,58 @@ pub(crate) struct GroupCache {
 }
 
 impl GroupCache {
-    /// The bytes of the entry at `loc`, if its record's slice is cached. O(log cached appends).
-    pub(crate) fn get(&self, loc: &EntryLoc) -> Option<Bytes> {
-        let (c, from, to) = self.find(loc)?;
+    /// The bytes of entry `index` at `loc`, if its record's slice is cached; `end` is one past
+    /// the group's last entry. O(1) usually, O(log cached appends) at worst.
+    pub(crate) fn get(&self, loc: &EntryLoc, index: u64, end: u64) -> Option<Bytes> {
+        let (c, from, to) = self.find(loc, index, end)?;
         Some(c.payload.slice(from..to))
     }
 
     /// [`Self::get`] copied into a new vector: no reference count is touched (the writer that
     /// just cached the payload owns that cache line).
-    pub(crate) fn copy(&self, loc: &EntryLoc) -> Option<Vec<u8>> {
-        let (c, from, to) = self.find(loc)?;
+    pub(crate) fn copy(&self, loc: &EntryLoc, index: u64, end: u64) -> Option<Vec<u8>> {
+        let (c, from, to) = self.find(loc, index, end)?;
         c.payload.get(from..to).map(<[u8]>::to_vec)
     }
 
-    /// The cached append holding `loc` and the entry's range in its payload.
-    fn find(&self, loc: &EntryLoc) -> Option<(&Cached, usize, usize)> {
-        if self.recs.is_empty() {
-            return None;
+    /// The cached append holding `loc` (entry `index` of a group whose entries end before
+    /// `end`) and the entry's range in its payload.
+    ///
+    /// Found without a binary search in the common case, by two guesses: the append at
+    /// `loc.later_runs` from the back (appends are usually the group's last runs, one each; no
+    /// other cache line is read), then the position interpolated from the entry index over the
+    /// cached appends' first indexes (right where the runs and the appends do not line up, e.g.
+    /// after an append was not cached). A miss of both falls back to the binary search. Every
+    /// answer is checked against the located record and span, so a wrong guess costs time,
+    /// never correctness.
+    fn find(&self, loc: &EntryLoc, index: u64, end: u64) -> Option<(&Cached, usize, usize)> {
+        let n = self.recs.len();
+        let hinted = n
+            .checked_sub(loc.later_runs.saturating_add(1))
+            .and_then(|i| self.recs.get(i))
+            .and_then(|c| Self::holds(c, loc));
+        if hinted.is_some() {
+            return hinted;
+        }
+        let front = self.recs.front()?.first;
+        if let Some(guess) = index
+            .checked_sub(front)
+            .zip(end.checked_sub(front).filter(|w| *w > 0))
+            .and_then(|(d, w)| d.checked_mul(n as u64).map(|x| (x / w) as usize))
+        {
+            for i in [guess, guess.wrapping_sub(1), guess + 1] {
+                if let Some(hit) = self.recs.get(i).and_then(|c| Self::holds(c, loc)) {
+                    return Some(hit);
+                }
+            }
         }
         let key = (loc.run.segment, loc.run.rec_off, loc.span.off);
         let at = self.recs.partition_point(|c| c.key() <= key);
-        let c = self.recs.get(at.checked_sub(1)?)?;
+        Self::holds(self.recs.get(at.checked_sub(1)?)?, loc)
+    }
+
+    /// `c` and the entry's range in it, if `c` is a slice of `loc`'s record covering its span.
+    fn holds<'a>(c: &'a Cached, loc: &EntryLoc) -> Option<(&'a Cached, usize, usize)> {
         if (c.segment, c.rec_off) != (loc.run.segment, loc.run.rec_off) {
             return None;
         }
@@ -226,7 +260,7 @@ impl EntryCache {
     /// says whether this is the first append cached from `payload` (it carries the slack).
     pub(crate) fn fill(
         &self,
-        shard: &mut HashMap<u64, Group>,
+        shard: &mut GroupMap,
         group: u64,
         pos: RecordPos,
         spans: &[EntrySpan],
@@ -256,11 +290,15 @@ impl EntryCache {
             return;
         };
         let slice = payload.bytes.slice(from..to);
+        // The append was just applied: the group's entries end with its entries.
+        let range = g.entries.range();
+        let first_index = (range.first + range.len).saturating_sub(spans.len() as u64);
         let bytes = slice.len() as u64 + OVERHEAD + if first { payload.slack } else { 0 };
         let cached = Cached {
             segment: pos.segment,
             rec_off: pos.rec_off,
             base: head.off,
+            first: first_index,
             payload: slice,
         };
         let key = cached.key();
@@ -320,6 +358,43 @@ mod tests {
                 rec_len: 1000,
             },
             span: EntrySpan { off, len },
+            later_runs: 0,
+        }
+    }
+
+    /// Whatever the run hint says (right, wrong, out of range), a lookup answers only from a
+    /// slice of the located record covering the span.
+    #[test]
+    fn run_hint_is_checked_never_trusted() {
+        let mut gc = GroupCache::default();
+        for r in 0..6u32 {
+            gc.push(Cached {
+                segment: 1,
+                rec_off: 32 + r * 100,
+                base: 10,
+                first: u64::from(r) * 10 + 1,
+                payload: Bytes::from(vec![r as u8; 8]),
+            });
+        }
+        for r in 0..8u32 {
+            let right = u64::from(r) * 10 + 3;
+            for hint in [0, 1, 2, 5, 6, 7, usize::MAX] {
+                for (index, end) in [(right, 61), (0, 61), (1, 61), (55, 61), (right, u64::MAX)] {
+                    let mut l = loc(1, 32 + r * 100, 12, 4);
+                    l.later_runs = hint;
+                    let got = gc.get(&l, index, end);
+                    let ctx = format!("record {r}, hint {hint}, index {index}, end {end}");
+                    if r < 6 {
+                        assert_eq!(got.unwrap(), vec![r as u8; 4], "{ctx}");
+                    } else {
+                        assert!(got.is_none(), "{ctx}");
+                    }
+                    // A span past the cached slice is not served, hinted or not.
+                    let mut l = loc(1, 32 + r * 100, 16, 8);
+                    l.later_runs = hint;
+                    assert!(gc.get(&l, index, end).is_none(), "{ctx}");
+                }
+            }
         }
     }
 
@@ -330,28 +405,31 @@ mod tests {
             segment: 1,
             rec_off: 32,
             base: 10,
+            first: 1,
             payload: Bytes::from_static(b"abcdef"),
         });
         gc.push(Cached {
             segment: 1,
             rec_off: 32,
             base: 16,
+            first: 2,
             payload: Bytes::from_static(b"XYZ"),
         });
         gc.push(Cached {
             segment: 2,
             rec_off: 32,
             base: 10,
+            first: 3,
             payload: Bytes::from_static(b"0123"),
         });
-        assert_eq!(gc.get(&loc(1, 32, 12, 2)).unwrap(), &b"cd"[..]);
-        assert_eq!(gc.get(&loc(1, 32, 16, 3)).unwrap(), &b"XYZ"[..]);
-        assert_eq!(gc.get(&loc(2, 32, 11, 3)).unwrap(), &b"123"[..]);
-        assert_eq!(gc.copy(&loc(2, 32, 11, 3)).unwrap(), b"123");
+        assert_eq!(gc.get(&loc(1, 32, 12, 2), 1, 4).unwrap(), &b"cd"[..]);
+        assert_eq!(gc.get(&loc(1, 32, 16, 3), 1, 4).unwrap(), &b"XYZ"[..]);
+        assert_eq!(gc.get(&loc(2, 32, 11, 3), 1, 4).unwrap(), &b"123"[..]);
+        assert_eq!(gc.copy(&loc(2, 32, 11, 3), 1, 4).unwrap(), b"123");
         // Another record, or a span beyond the slice: not cached.
-        assert!(gc.get(&loc(1, 64, 12, 2)).is_none());
-        assert!(gc.get(&loc(2, 32, 12, 3)).is_none());
-        assert!(gc.get(&loc(1, 0, 12, 2)).is_none());
+        assert!(gc.get(&loc(1, 64, 12, 2), 1, 4).is_none());
+        assert!(gc.get(&loc(2, 32, 12, 3), 1, 4).is_none());
+        assert!(gc.get(&loc(1, 0, 12, 2), 1, 4).is_none());
         // Retain keeps what the index names (record 1@32), drops the rest at the ends.
         let mut ix = EntryIndex::default();
         let run = Run {
@@ -448,6 +526,7 @@ mod tests {
                         segment,
                         rec_off: off,
                         base: 8,
+                        first,
                         payload: Bytes::from(vec![step as u8; 4 * count as usize]),
                     });
                     off += 64;

@@ -33,6 +33,7 @@ use crate::pipeline::{
 };
 use crate::recovery::{recover, seal_clean_shutdown, RecoveryReport, SyncPoint};
 use crate::segment::{create_segment, segment_name, SEGMENT_HEADER_LEN};
+use crate::verified::VerifiedRecords;
 
 /// Name of the lock file in the data directory.
 pub const LOCK_NAME: &str = "LOCK";
@@ -153,6 +154,8 @@ pub(crate) struct Inner {
     pub(crate) gc: GcState,
     /// The entry cache's budget and eviction queue (each group holds its cached payloads).
     pub(crate) cache: EntryCache,
+    /// Records of sealed segments already verified by a read (see `verified`).
+    pub(crate) verified: VerifiedRecords,
     /// Serializes calls of [`Engine::gc`].
     pub(crate) gc_serial: Mutex<()>,
     /// The id of the segment receiving writes (a hint read outside the log lock).
@@ -231,6 +234,12 @@ impl Inner {
             })
     }
 
+    /// Whether `segment` is sealed (below the active one; rotation cut and synced it before
+    /// moving on) and read from its memory mapping.
+    fn mapped(&self, segment: u32) -> bool {
+        self.opts.mmap_reads && u64::from(segment) < self.active_segment.load(Ordering::Acquire)
+    }
+
     /// The bytes of the record at `run`: from the tail buffer while they are not yet in the
     /// file (checked under the tail lock, which the flush takes only after writing), else read
     /// from the file.
@@ -247,10 +256,8 @@ impl Inner {
                 }
             }
         }
-        // A sealed segment (below the active one; rotation cut and synced it before moving
-        // on) is read from its memory mapping, where the file system has one.
-        let sealed = seg < self.active_segment.load(Ordering::Acquire);
-        let read = if sealed && self.opts.mmap_reads {
+        // A sealed segment is read from its memory mapping, where the file system has one.
+        let read = if self.mapped(run.segment) {
             file.read_sealed_vec_at(run.rec_len as usize, off)
         } else {
             file.read_vec_at(run.rec_len as usize, off)
@@ -261,8 +268,27 @@ impl Inner {
     /// Entry `loc` copied out of its record (read whole and checked). Measured: copying the
     /// record out of a mapping and checking the copy beats checking it in place (the copy
     /// streams the cold lines in; the checksum then runs on warm ones).
+    ///
+    /// A record of a sealed segment already verified by an earlier read (`verified`) is not
+    /// read and checked again: only the entry's bytes are copied out of the mapping.
     fn read_entry(&self, file: &dyn FsFile, loc: &EntryLoc) -> Result<Vec<u8>> {
-        let raw = self.read_record(file, &loc.run)?;
+        let run = &loc.run;
+        if self.verified.contains(run.segment, run.rec_off) && self.mapped(run.segment) {
+            let body = run.rec_len.checked_sub(RECORD_HEADER_LEN as u32);
+            let end = loc.span.off.checked_add(loc.span.len);
+            if end.is_none() || end > body {
+                return Err(Error::corruption(
+                    u64::from(run.segment),
+                    u64::from(run.rec_off),
+                    "entry outside its record",
+                ));
+            }
+            let at = u64::from(run.rec_off) + RECORD_HEADER_LEN as u64 + u64::from(loc.span.off);
+            return file
+                .read_sealed_vec_at(loc.span.len as usize, at)
+                .map_err(|e| Error::io(format!("reading segment {} at {at}", run.segment), e));
+        }
+        let raw = self.read_record(file, run)?;
         Self::slice(&raw, loc)
     }
 
@@ -282,10 +308,16 @@ impl Inner {
         let raw = verify_record(seg, &header, &buf).map_err(|e| corrupt(format!("record: {e}")))?;
         Ok(match raw {
             std::borrow::Cow::Owned(v) => RawBody { buf: v, start: 0 },
-            std::borrow::Cow::Borrowed(_) => RawBody {
-                buf,
-                start: RECORD_HEADER_LEN,
-            },
+            std::borrow::Cow::Borrowed(_) => {
+                // Intact and stored raw: later gets in it may copy just their entry.
+                if self.mapped(run.segment) {
+                    self.verified.insert(run.segment, run.rec_off);
+                }
+                RawBody {
+                    buf,
+                    start: RECORD_HEADER_LEN,
+                }
+            }
         })
     }
 
@@ -307,6 +339,8 @@ impl Inner {
         self.groups
             .read(group, |g| -> Result<()> {
                 let mut bytes = 0usize;
+                let r = g.entries.range();
+                let end = r.first + r.len;
                 for index in range {
                     if !pieces.is_empty() && bytes >= max_bytes {
                         break;
@@ -315,7 +349,7 @@ impl Inner {
                         break;
                     };
                     bytes = bytes.saturating_add(loc.span.len as usize);
-                    if let Some(b) = g.cache.get(&loc) {
+                    if let Some(b) = g.cache.get(&loc, index, end) {
                         pieces.push(Piece::Cached(b));
                         continue;
                     }
@@ -537,6 +571,7 @@ impl Engine {
             commit: Commit::default(),
             gc: GcState::default(),
             cache: EntryCache::new(options.cache_bytes),
+            verified: VerifiedRecords::default(),
             gc_serial: Mutex::new(()),
             active_segment: AtomicU64::new(segment),
             sync_point: SyncPoint::after_recovery(rec.last_sealed),
@@ -694,10 +729,12 @@ impl Engine {
             .groups
             .read(group, |g| {
                 let loc = g.entries.locate(index)?;
+                let r = g.entries.range();
+                let end = r.first + r.len;
                 let cached = if copy {
-                    g.cache.copy(&loc).map(Located::Copied)
+                    g.cache.copy(&loc, index, end).map(Located::Copied)
                 } else {
-                    g.cache.get(&loc).map(Located::Cached)
+                    g.cache.get(&loc, index, end).map(Located::Cached)
                 };
                 Some(match cached {
                     Some(found) => Ok(found),

@@ -33,6 +33,7 @@ pub mod raft_shared;
 mod recovery;
 mod segment;
 mod telemetry;
+mod verified;
 
 pub use batch::WriteBatch;
 /// The shared byte buffer [`Engine::entry_bytes`] and [`Engine::entries_bytes`] return.

@@ -241,11 +241,15 @@ impl Options {
 
     /// Whether reads of sealed segments (every segment but the one receiving writes) may come
     /// from a read-only memory mapping of the file ([`FsFile::read_sealed_vec_at`]): a copy
-    /// out of the page cache instead of a `pread` system call. The record's checksum is
-    /// verified either way. With [`StdFs`], a disk error while a mapped page is read in raises
-    /// SIGBUS (the process dies) instead of returning [`Error::Io`](crate::Error), and another
-    /// process truncating a live segment file does the same; set `false` where a failing disk
-    /// must surface as an error. Default: true.
+    /// out of the page cache instead of a `pread` system call. A record's checksum is verified
+    /// on its first read; with the mapping, later single-entry gets (`Engine::entry`,
+    /// `Engine::entry_bytes`) of an uncompressed record already verified since open copy just
+    /// their entry out of the mapping without checking the whole record again (a sealed
+    /// segment's bytes never change while the engine runs; range reads still check every
+    /// record). `false` checks every record on every read. With [`StdFs`], a disk error while
+    /// a mapped page is read in raises SIGBUS (the process dies) instead of returning
+    /// [`Error::Io`](crate::Error), and another process truncating a live segment file does
+    /// the same; set `false` where a failing disk must surface as an error. Default: true.
     ///
     /// [`FsFile::read_sealed_vec_at`]: crate::fs::FsFile::read_sealed_vec_at
     /// [`StdFs`]: crate::fs::StdFs

@@ -51,6 +51,10 @@ struct Args {
     /// gets read from the disk; 0 skips that part.
     #[arg(long, default_value_t = 5_000)]
     cold_gets: usize,
+    /// multiraft-wal's single-entry get (W5, W5'): `entry` (a `Vec` copy, the default and what
+    /// the tables report) or `entry_bytes` (shared `Bytes`: a slice of the cached payload).
+    #[arg(long, default_value = "entry", value_parser = ["entry", "entry_bytes"])]
+    mrwal_get: String,
     /// Rounds of every workload; each figure is the median over rounds, and the engine that
     /// runs first alternates between rounds and workloads.
     #[arg(long, default_value_t = 1)]
@@ -99,6 +103,9 @@ trait Wal: Send + Sync + Sized + 'static {
 
 struct Mrwal(multiraft_wal::Engine);
 
+/// `--mrwal-get entry_bytes`: multiraft-wal's gets call `Engine::entry_bytes`.
+static MRWAL_GET_BYTES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 impl Wal for Mrwal {
     const NAME: &'static str = "multiraft-wal";
     type Batch = multiraft_wal::WriteBatch;
@@ -127,6 +134,9 @@ impl Wal for Mrwal {
     }
 
     fn get(&self, group: u64, index: u64) -> Result<Option<usize>> {
+        if MRWAL_GET_BYTES.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(self.0.entry_bytes(group, index)?.map(|e| e.len()));
+        }
         Ok(self.0.entry(group, index)?.map(|e| e.len()))
     }
 
@@ -802,6 +812,10 @@ macro_rules! dispatch {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    MRWAL_GET_BYTES.store(
+        args.mrwal_get == "entry_bytes",
+        std::sync::atomic::Ordering::Relaxed,
+    );
     ensure!(args.rounds >= 1, "--rounds must be at least 1");
     let base = args
         .dir

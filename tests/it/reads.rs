@@ -506,3 +506,65 @@ fn reads_cache_respects_its_budget_and_evicts_oldest_first() {
     assert_eq!((s.cache_bytes, s.cache_appends), (0, 0));
     assert_eq!(engine.entry(1, 10_000).unwrap().unwrap(), vec![1u8; 10]);
 }
+
+/// A record of a sealed segment is verified by its first read; later gets of entries in it copy
+/// just the entry out of the mapping (they are not checked again), while range reads and an
+/// engine without the mapping check every record they read. Shown by breaking the stored
+/// checksum of a record after its first read: with the mapping, single gets in it keep
+/// answering (with the right bytes); the other paths report the damage.
+#[test]
+fn reads_verify_a_sealed_record_once_per_engine_with_the_mapping() {
+    let (a, b) = ([0xA1u8; 200], [0xB2u8; 200]);
+    for mmap in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(
+            dir.path(),
+            Options::default()
+                .segment_size(1 << 20)
+                .compression_threshold(usize::MAX)
+                .cache_bytes(0)
+                .mmap_reads(mmap),
+        )
+        .unwrap();
+        let mut batch = WriteBatch::new();
+        batch.append(7, 1, [&a[..], &b[..], b"third"]);
+        engine.write(batch).unwrap();
+        // Seal the segment holding it (rotate past it).
+        for i in 0..80u64 {
+            let mut batch = WriteBatch::new();
+            batch.append(
+                9,
+                1 + i * 4,
+                (0..4u64).map(|k| make_entry(9, i * 4 + k, 0, 4000)),
+            );
+            engine.write(batch).unwrap();
+        }
+        let first = segment_files(dir.path())[0].clone();
+        assert!(engine.stats().active_segment > 1, "no rotation");
+        // The record of group 7 is the first one of the first segment: its header is at 32
+        // (body length, then the CRC at 36), and the first payload lies inside its body.
+        let data = std::fs::read(&first).unwrap();
+        let body_len = u32::from_le_bytes(data[32..36].try_into().unwrap()) as usize;
+        let at = data.windows(a.len()).position(|w| w == a).unwrap();
+        assert!(at > 48 && at < 48 + body_len, "record layout");
+        // First read: the whole record is checked.
+        assert_eq!(engine.entry(7, 1).unwrap().unwrap(), a);
+        // Break the stored checksum.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&first)
+            .unwrap();
+        f.write_all_at(&[data[36] ^ 0x5A], 36).unwrap();
+        drop(f);
+        if mmap {
+            assert_eq!(engine.entry(7, 2).unwrap().unwrap(), b);
+            assert_eq!(&engine.entry_bytes(7, 3).unwrap().unwrap()[..], b"third");
+        } else {
+            assert_corruption(engine.entry(7, 2), 1, 37);
+            assert_corruption(engine.entry_bytes(7, 3), 1, 37);
+        }
+        // Range reads check every record they read.
+        assert_corruption(engine.entries_bytes(7, 1..4, usize::MAX), 1, 37);
+        drop(engine);
+    }
+}
