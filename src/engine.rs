@@ -118,24 +118,32 @@ impl Drop for Handle {
             }
             file.sync_data()
         };
-        if let Some(file) = prepared {
-            if let Err(e) = trim(file.as_ref()) {
-                tracing::warn!(error = %e, "trimming the prepared segment at shutdown");
+        // The recycling pool serves a running workload; an idle directory keeps none of it.
+        self.inner.pool.drain(fs, dir);
+        let next = log.segment + 1;
+        match prepared {
+            Some(p) if !p.recycled => {
+                if let Err(e) = trim(p.file.as_ref()) {
+                    tracing::warn!(error = %e, "trimming the prepared segment at shutdown");
+                }
             }
-        } else if log.offset > SEGMENT_HEADER_LEN && log.segment < u64::from(u32::MAX) {
-            let next = log.segment + 1;
-            let no_cancel = std::sync::atomic::AtomicBool::new(false);
-            let recycled = self.inner.pool.take().and_then(|pool_id| {
-                recycle_segment(fs, dir, pool_id, next, keep, false, &no_cancel).ok()
-            });
-            let made = match recycled {
-                Some(_) => Ok(()),
-                None => create_segment(fs, dir, next, keep)
-                    .or_else(|_| create_segment(fs, dir, next, SEGMENT_HEADER_LEN))
-                    .map(|_| ()),
-            };
-            if let Err(e) = made {
-                tracing::warn!(error = %e, "leaving an empty segment at shutdown");
+            prepared => {
+                // A recycled one holds stale bytes after its header: replaced by a new one, so
+                // that a cleanly closed directory holds no byte after the end of any segment's
+                // data (a check of it is then as strict as before recycling).
+                if prepared.is_some() {
+                    let removed = fs.remove(&dir.join(segment_name(next)));
+                    if let Err(e) = removed.and_then(|()| fs.sync_dir(dir)) {
+                        tracing::warn!(error = %e, "removing the recycled prepared segment");
+                    }
+                }
+                if log.offset > SEGMENT_HEADER_LEN && next <= u64::from(u32::MAX) {
+                    let made = create_segment(fs, dir, next, keep)
+                        .or_else(|_| create_segment(fs, dir, next, SEGMENT_HEADER_LEN));
+                    if let Err(e) = made {
+                        tracing::warn!(error = %e, "leaving an empty segment at shutdown");
+                    }
+                }
             }
         }
     }

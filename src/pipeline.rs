@@ -137,6 +137,8 @@ pub(crate) struct Prepared {
     pub(crate) prefilled: bool,
     /// Bytes from the start of the file that are written (a zero-fill may start there).
     pub(crate) written_to: u64,
+    /// Made from a pool file: stale bytes of older segments may follow its data.
+    pub(crate) recycled: bool,
 }
 
 /// The next segment, being created (and possibly zero-filled) in the background.
@@ -762,6 +764,7 @@ impl Inner {
                             file,
                             prefilled: written_to >= full,
                             written_to,
+                            recycled: true,
                         });
                     }
                     Err(e) => {
@@ -779,6 +782,7 @@ impl Inner {
                 file,
                 prefilled: written_to >= full,
                 written_to,
+                recycled: false,
             })
         });
         Preparing {
@@ -794,10 +798,12 @@ impl Inner {
         Preparing {
             id,
             handle: std::thread::spawn(move || {
+                let recycled = crate::segment::is_recycled(file.as_ref());
                 Ok(Prepared {
                     file,
                     prefilled: false,
                     written_to: SEGMENT_HEADER_LEN,
+                    recycled,
                 })
             }),
             prefill: false,
@@ -882,6 +888,7 @@ impl Inner {
                         file,
                         prefilled: written_to >= self.opts.segment_size + self.freeing_reserve(),
                         written_to,
+                        recycled: true,
                     });
                 }
                 Err(e) => tracing::warn!(error = %e, "recycling a pool file failed"),
@@ -892,6 +899,7 @@ impl Inner {
             file,
             prefilled: false,
             written_to: SEGMENT_HEADER_LEN,
+            recycled: false,
         })
     }
 
@@ -967,10 +975,10 @@ impl Inner {
     }
 
     /// Cancels and joins the segment preparation (shutdown); returns the prepared file, if any.
-    pub(crate) fn stop_preparing(&self, log: &mut LogWriter) -> Option<Arc<dyn FsFile>> {
+    pub(crate) fn stop_preparing(&self, log: &mut LogWriter) -> Option<Prepared> {
         let p = log.next.take()?;
         p.cancel.store(true, Ordering::Relaxed);
-        p.handle.join().ok().and_then(|r| r.ok()).map(|p| p.file)
+        p.handle.join().ok().and_then(|r| r.ok())
     }
 }
 

@@ -119,8 +119,9 @@ impl Pool {
         self.files.lock().extend(retired);
     }
 
-    /// Deletes every pool file (a full disk), then fsyncs the directory. Returns the bytes
-    /// given back; failures are logged (this only makes room).
+    /// Deletes every pool file (a full disk, or a clean shutdown: an idle directory holds no
+    /// dead weight), then fsyncs the directory. Returns the bytes given back; failures are
+    /// logged (this only makes room).
     pub(crate) fn drain(&self, fs: &dyn FileSystem, dir: &Path) -> u64 {
         let files: Vec<(u64, u64)> = self.files.lock().drain(..).collect();
         if files.is_empty() {
@@ -136,7 +137,7 @@ impl Pool {
         if let Err(e) = fs.sync_dir(dir) {
             tracing::warn!(error = %e, "syncing the directory after emptying the pool");
         }
-        tracing::info!(freed, "full disk: the recycling pool was given back");
+        tracing::debug!(freed, "the recycling pool was given back");
         freed
     }
 

@@ -86,6 +86,13 @@ pub fn encode_header_flags(id: u64, flags: u32) -> [u8; SEGMENT_HEADER_LEN as us
     h
 }
 
+/// Whether the segment behind `file` has the recycled flag (false if its header cannot be read).
+pub(crate) fn is_recycled(file: &dyn FsFile) -> bool {
+    let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
+    file.read_exact_at(&mut h, 0).is_ok()
+        && u32::from_le_bytes([h[12], h[13], h[14], h[15]]) & FLAG_RECYCLED != 0
+}
+
 /// Checks the header of segment `id` and returns its flags; the error names what failed.
 pub fn check_header(id: u64, bytes: &[u8]) -> std::result::Result<u32, &'static str> {
     let h = bytes

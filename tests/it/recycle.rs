@@ -54,7 +54,9 @@ impl Churn {
         next: &mut BTreeMap<u64, u64>,
         mut after_write: impl FnMut(&Engine, u64),
     ) {
-        for w in 0..writes {
+        // Writes so far (a run may be resumed one write at a time): each wrote `per` entries.
+        let done: u64 = next.values().map(|n| (n - 1) / self.per).sum();
+        for w in done..done + writes {
             let g = w % self.groups;
             let first = *next.entry(g).or_insert(1);
             let entries: Vec<Vec<u8>> = (0..self.per)
@@ -415,13 +417,13 @@ fn recycle_a_reader_racing_gc_is_never_served_a_recycled_files_bytes() {
     churn.check(&e, &next);
 }
 
-/// A full disk gives the recycling pool back before anything fails: with pool files on disk
-/// and the disk full to the byte, writes go on (the pool is deleted to grow the segment), and
-/// an engine closed with pool files opens on a disk full to the byte.
+/// A full disk gives the recycling pool back before anything fails: an engine killed with pool
+/// files on disk opens on a disk full to the byte, and writes go on (the pool is deleted to
+/// grow the segment) until the pool is gone; a clean shutdown leaves no pool file.
 #[test]
 fn recycle_a_full_disk_frees_pool_files_first() {
     let fs = SimFs::new();
-    let opts = || {
+    let opts = |fs: &SimFs| {
         Options::default()
             .segment_size(16 << 10)
             .recycle_segments(4)
@@ -429,28 +431,39 @@ fn recycle_a_full_disk_frees_pool_files_first() {
             .recovery_threads(2)
             .file_system(Arc::new(fs.clone()))
     };
+    // Many segments, then one purge of everything old and a GC: the pool fills up (steady
+    // churn would take each pooled file right away for the next segment).
     let churn = Churn {
         groups: 4,
         per: 4,
         len: 300,
-        keep: 8,
-        gc_every: 3,
+        keep: u64::MAX,
+        gc_every: u64::MAX,
     };
-    let e = Engine::open(DIR, opts()).unwrap();
+    let e = Engine::open(DIR, opts(&fs)).unwrap();
     let mut next = BTreeMap::new();
-    // Churn until the pool holds files, then close: they stay on disk.
-    let mut writes = 0;
-    while e.stats().pooled_segments == 0 {
-        churn.run(&e, 1, &mut next, |_, _| {});
-        writes += 1;
-        assert!(writes < 2000, "the pool never filled: {:?}", e.stats());
+    let writes = 120;
+    churn.run(&e, writes, &mut next, |_, _| {});
+    let mut b = WriteBatch::new();
+    for (&g, &n) in &next {
+        b.purge_to(g, n - 3);
     }
-    drop(e);
+    e.write(b).unwrap();
+    let r = e.gc().unwrap();
+    assert!(r.recycled_segments.len() >= 2, "{r:?}");
+    assert_eq!(e.stats().pooled_segments, 4, "{:?}", e.stats());
+    println!("after {writes} writes: {:?}", e.stats());
+    // A kill: the pool files stay.
+    let fs = {
+        let img = fs.kill_image();
+        drop(e);
+        img
+    };
     let names = fs.live_names(Path::new(DIR));
-    assert!(pool_files(&names) > 0, "{names:?}");
+    assert_eq!(pool_files(&names), 4, "{names:?}");
     // A disk full to the byte: open works, and so do writes, until the pool is gone.
     fs.set_capacity(Some(fs.used_bytes()));
-    let e = Engine::open(DIR, opts()).expect("open on a full disk holding pool files");
+    let e = Engine::open(DIR, opts(&fs)).expect("open on a full disk holding pool files");
     let pooled = e.stats().pooled_segments;
     assert!(pooled > 0);
     let mut g = 0;
@@ -484,8 +497,19 @@ fn recycle_a_full_disk_frees_pool_files_first() {
     assert!(!e.is_poisoned());
     drop(e);
     fs.set_capacity(None);
-    let e = Engine::open(DIR, opts().recovery_mode(RecoveryMode::Strict)).unwrap();
+    let e = Engine::open(DIR, opts(&fs).recovery_mode(RecoveryMode::Strict)).unwrap();
     for (&g, &n) in &next {
         assert_eq!(e.last_index(g), Some(n - 1));
     }
+    // Churn that fills the pool, then a clean shutdown: no pool file is left.
+    let churn = Churn {
+        keep: 8,
+        gc_every: 3,
+        ..churn
+    };
+    churn.run(&e, 60, &mut next, |_, _| {});
+    assert!(e.stats().recycled_segments > 0, "{:?}", e.stats());
+    drop(e);
+    let names = fs.live_names(Path::new(DIR));
+    assert_eq!(pool_files(&names), 0, "{names:?}");
 }
