@@ -244,17 +244,26 @@ pub(crate) fn zero_fill_range(
     to: u64,
     cancel: &AtomicBool,
 ) -> std::io::Result<u64> {
-    const CHUNK: usize = 1 << 20;
-    let zeros = vec![0u8; CHUNK];
+    const CHUNK: u64 = 1 << 20;
+    // Written a page at a time: a larger write makes the page cache hold large folios, and
+    // every later small append that dirties one after an fdatasync is counted (`write_bytes`)
+    // as the whole folio again (measured in docs/BENCHMARKS.md, W11); the device writes only
+    // the dirty blocks either way.
+    const PAGE: u64 = 4096;
+    let zeros = [0u8; PAGE as usize];
     let mut off = from;
     while off < to {
         if cancel.load(Ordering::Relaxed) {
             break;
         }
-        let n = (to - off).min(CHUNK as u64) as usize;
-        file.write_all_at(&zeros[..n], off)?;
+        let end = (off + CHUNK).min(to);
+        while off < end {
+            // Up to the next page boundary (or `end`).
+            let n = (PAGE - off % PAGE).min(end - off) as usize;
+            file.write_all_at(&zeros[..n], off)?;
+            off += n as u64;
+        }
         file.sync_data()?;
-        off += n as u64;
     }
     Ok(off)
 }
