@@ -217,8 +217,9 @@ impl Options {
     /// fdatasync as cheaply as a zero-filled one without being zero-filled again: under steady
     /// churn with synced writes, segments are neither created nor zero-filled any more (see
     /// docs/BENCHMARKS.md, W11). Files a reader still holds are deleted, not kept. Kept files
-    /// count as disk usage (at most this many segments beyond the log) and are the first thing
-    /// deleted on a full disk. 0 turns recycling off (dead segments are deleted). Default: 2:
+    /// count as disk usage (at most this many segments beyond the log), are the first thing
+    /// deleted on a full disk, and are deleted at a clean shutdown (an idle directory keeps
+    /// none). 0 turns recycling off (dead segments are deleted). Default: 2:
     /// steady churn frees about one segment per rotation and prepares one per rotation, so one
     /// kept file serves it; the second covers a GC that frees two at once. Range: 0 to 64.
     pub fn recycle_segments(mut self, files: usize) -> Self {
