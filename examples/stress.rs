@@ -73,6 +73,22 @@ struct Args {
     /// Payload bytes written by W11 (churn). Default: 10 × the segment size.
     #[arg(long, value_parser = parse_bytes)]
     w11_bytes: Option<u64>,
+    /// Dead segment files kept for reuse (`Options::recycle_segments`; 0 = off). Default: the
+    /// engine's default.
+    #[arg(long)]
+    recycle: Option<usize>,
+    /// W1 / W1S: each write also purges its group to its last N entries, and a thread calls
+    /// `gc()` every 100 ms (churn, so that segments die and are recycled). Default: no purge.
+    #[arg(long)]
+    w1_keep: Option<u64>,
+    /// W1 / W1S: seconds of writes before the measured `--secs` (not counted), so that the
+    /// measurement runs on recycled segments. Default: 0.
+    #[arg(long, default_value_t = 0.0)]
+    warmup_secs: f64,
+    /// W11: also report the bytes written to this block device (`/sys/block/<dev>/stat`), e.g.
+    /// a loop device holding a file system used only by `--dir`.
+    #[arg(long)]
+    block_stat: Option<PathBuf>,
     /// Entries each group keeps in W11 (it purges the older ones).
     #[arg(long, default_value_t = 1000)]
     w11_keep: u64,
@@ -228,6 +244,24 @@ fn proc_field(path: &str, key: &str) -> Result<u64> {
     bail!("{key} not found in {path}")
 }
 
+/// Bytes written to the block device named by `--block-stat` (a `/sys/block/<dev>/stat` file:
+/// its 7th field counts 512-byte sectors written), if given: what reached the device, file
+/// system journal and metadata included, as opposed to the page-cache accounting of
+/// `write_bytes`.
+fn device_write_bytes(args: &Args) -> Result<Option<u64>> {
+    let Some(path) = &args.block_stat else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path:?}"))?;
+    let sectors: u64 = text
+        .split_whitespace()
+        .nth(6)
+        .context("no sectors-written field")?
+        .parse()
+        .context("parsing sectors written")?;
+    Ok(Some(sectors * 512))
+}
+
 /// Prints a progress line to stderr, prefixed with the UTC wall-clock time (to match runs with
 /// a load log).
 macro_rules! progress {
@@ -273,9 +307,13 @@ fn settle(args: &Args) {
 }
 
 fn options(args: &Args, prefill: bool) -> Options {
-    Options::default()
+    let o = Options::default()
         .segment_size(args.segment_size)
-        .prefill_segments(prefill)
+        .prefill_segments(prefill);
+    match args.recycle {
+        Some(n) => o.recycle_segments(n),
+        None => o,
+    }
 }
 
 fn describe(args: &Args, prefill: bool) -> String {
@@ -302,6 +340,12 @@ struct TimedResult {
     writes_per_sec: f64,
     mb_per_sec: f64,
     lat: Lat,
+    /// Segments made from recycled files during the run (warm-up included).
+    #[serde(default)]
+    recycled_segments: u64,
+    /// Rotations during the measured part (segment ids advanced).
+    #[serde(default)]
+    rotations: u64,
 }
 
 #[expect(
@@ -325,6 +369,19 @@ fn timed_writes(
     let payload = Arc::new(Payload::new(args.compressible));
     let barrier = Arc::new(Barrier::new(threads + 1));
     let dur = Duration::from_secs_f64(args.secs);
+    let warmup = Duration::from_secs_f64(args.warmup_secs);
+    let keep = args.w1_keep;
+    let stop_gc = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gc_thread = keep.map(|_| {
+        let engine = engine.clone();
+        let stop = stop_gc.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                let _ = engine.gc();
+            }
+        })
+    });
     let mut handles = Vec::new();
     for t in 0..threads {
         let engine = engine.clone();
@@ -341,7 +398,7 @@ fn timed_writes(
                 let mut lat = Vec::with_capacity(1 << 20);
                 let mut slot = 0usize;
                 barrier.wait();
-                let start = Instant::now();
+                let start = Instant::now() + warmup;
                 let deadline = start + dur;
                 loop {
                     let mut batch = WriteBatch::new();
@@ -350,6 +407,10 @@ fn timed_writes(
                         next[slot],
                         (0..entries).map(|_| payload.entry(&mut rng, entry_len)),
                     );
+                    let last = next[slot] + entries as u64 - 1;
+                    if let Some(keep) = keep.filter(|&k| last > k) {
+                        batch.purge_to(owned[slot] + 1, last - keep);
+                    }
                     let t0 = Instant::now();
                     if t0 >= deadline {
                         return Ok((lat, t0));
@@ -359,7 +420,9 @@ fn timed_writes(
                     } else {
                         engine.write_unsynced(batch)?;
                     }
-                    lat.push(t0.elapsed().as_nanos() as u64);
+                    if t0 >= start {
+                        lat.push(t0.elapsed().as_nanos() as u64);
+                    }
                     next[slot] += entries as u64;
                     slot = (slot + 1) % owned.len();
                 }
@@ -367,7 +430,9 @@ fn timed_writes(
         ));
     }
     barrier.wait();
+    std::thread::sleep(warmup);
     let start = Instant::now();
+    let first_segment = engine.stats().active_segment;
     let mut all = Vec::new();
     let mut end = start;
     for h in handles {
@@ -377,6 +442,11 @@ fn timed_writes(
     }
     let secs = end.duration_since(start).as_secs_f64();
     let writes = all.len() as u64;
+    stop_gc.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(h) = gc_thread {
+        let _ = h.join();
+    }
+    let stats = engine.stats();
     drop(engine);
     Ok(TimedResult {
         threads,
@@ -385,6 +455,8 @@ fn timed_writes(
         writes_per_sec: writes as f64 / secs,
         mb_per_sec: (writes * (entries * entry_len) as u64) as f64 / secs / 1e6,
         lat: summarize(all),
+        recycled_segments: stats.recycled_segments,
+        rotations: stats.active_segment - first_segment,
     })
 }
 
@@ -492,6 +564,14 @@ struct Churn {
     gc_calls: u64,
     rewritten_bytes: u64,
     secs: f64,
+    /// Segments made from recycled files.
+    recycled_segments: u64,
+    /// Segments rotated through.
+    segments: u64,
+    /// Latency of the writers' `sync()` calls (group commit every 64 writes).
+    sync_lat: Lat,
+    /// Bytes the `--block-stat` device saw written (0 without it).
+    device_bytes: u64,
 }
 
 /// Sum of the file sizes and of the allocated bytes of the files in `dir`.
@@ -520,6 +600,9 @@ fn w11(args: &Args, dir: &Path, prefill: bool) -> Result<Churn> {
     let bytes = args.w11_bytes.unwrap_or(10 * args.segment_size);
     let total_batches = (bytes / (ENTRY as u64 * BATCH)).max(1);
     let keep = args.w11_keep;
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    let dev_before = device_write_bytes(args)?;
     let io_before = io_write_bytes()?;
     let start = Instant::now();
     let engine = Engine::open(dir, options(args, prefill)).context("opening engine")?;
@@ -530,8 +613,9 @@ fn w11(args: &Args, dir: &Path, prefill: bool) -> Result<Churn> {
         let payload = payload.clone();
         let owned: Vec<u64> = (0..args.groups).filter(|g| g % THREADS == t).collect();
         let mine = total_batches / THREADS + u64::from(t < total_batches % THREADS);
-        handles.push(std::thread::spawn(move || -> Result<()> {
+        handles.push(std::thread::spawn(move || -> Result<Vec<u64>> {
             let mut rng = Rng::new(1100 + t);
+            let mut lat = Vec::new();
             let mut next = vec![1u64; owned.len()];
             for w in 0..mine {
                 let slot = (w % owned.len() as u64) as usize;
@@ -549,10 +633,12 @@ fn w11(args: &Args, dir: &Path, prefill: bool) -> Result<Churn> {
                 }
                 engine.write_unsynced(batch)?;
                 if w % 64 == 63 {
+                    let t0 = Instant::now();
                     engine.sync()?;
+                    lat.push(t0.elapsed().as_nanos() as u64);
                 }
             }
-            Ok(())
+            Ok(lat)
         }));
     }
     let sampler = {
@@ -579,8 +665,9 @@ fn w11(args: &Args, dir: &Path, prefill: bool) -> Result<Churn> {
         let (l, a) = dir_usage(dir);
         peak = (peak.0.max(l), peak.1.max(a));
     }
+    let mut sync_lat = Vec::new();
     for h in handles {
-        h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        sync_lat.extend(h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??);
     }
     let r = engine.gc().context("gc")?;
     gc_calls += 1;
@@ -594,9 +681,17 @@ fn w11(args: &Args, dir: &Path, prefill: bool) -> Result<Churn> {
         .join()
         .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
     peak = (peak.0.max(sampled.0), peak.1.max(sampled.1));
+    let stats = engine.stats();
     drop(engine);
     let secs = start.elapsed().as_secs_f64();
     let disk_bytes = io_write_bytes()? - io_before;
+    // What reached the device (journal included): flushed first.
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    let device_bytes = match (dev_before, device_write_bytes(args)?) {
+        (Some(b), Some(a)) => a - b,
+        _ => 0,
+    };
     let payload_bytes = total_batches * BATCH * ENTRY as u64;
     Ok(Churn {
         prefill,
@@ -609,6 +704,10 @@ fn w11(args: &Args, dir: &Path, prefill: bool) -> Result<Churn> {
         gc_calls,
         rewritten_bytes,
         secs,
+        recycled_segments: stats.recycled_segments,
+        segments: stats.active_segment,
+        sync_lat: summarize(sync_lat),
+        device_bytes,
     })
 }
 
@@ -996,17 +1095,19 @@ fn main() -> Result<()> {
     print_table(&args, &r);
     if !r.scale.is_empty() {
         println!();
-        println!("| workload | writes/s | ns per write | p50 µs | p99 µs | p99.9 µs | max µs |");
-        println!("|---|---|---|---|---|---|---|");
+        println!("| workload | writes/s | ns per write | p50 µs | p99 µs | p99.9 µs | max µs | rotations measured | segments recycled |");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for (name, w) in &r.scale {
             println!(
-                "| {name} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                "| {name} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
                 w.writes_per_sec,
                 1e9 / w.writes_per_sec,
                 w.lat.p50_us,
                 w.lat.p99_us,
                 w.lat.p999_us,
-                w.lat.max_us
+                w.lat.max_us,
+                w.rotations,
+                w.recycled_segments
             );
         }
     }
@@ -1119,7 +1220,7 @@ fn print_table(args: &Args, r: &Results) {
     }
     for w in &r.w11 {
         println!(
-            "| W11 churn | {} groups × 8 × 256 B per write, each keeping its last {} entries (purge in the same batch), 2 threads, sync every 64 writes, `gc()` every 100 ms ({} calls, {} KiB rewritten), {} MiB of payload, {:.1} s; segment_size {} MiB, prefill {} | {:.3} bytes on disk per payload byte; peak disk {} MiB (allocated {} MiB) = {:.2}× the {} MiB live at the end | ≤ 1.1 | — | {} |",
+            "| W11 churn | {} groups × 8 × 256 B per write, each keeping its last {} entries (purge in the same batch), 2 threads, sync every 64 writes, `gc()` every 100 ms ({} calls, {} KiB rewritten), {} MiB of payload, {:.1} s; segment_size {} MiB, prefill {}, recycle {} ({} of {} segments recycled) | {:.3} bytes on disk per payload byte; peak disk {} MiB (allocated {} MiB) = {:.2}× the {} MiB live at the end; sync() p50 {:.0} µs, p99 {:.0} µs; device {:.3} B per payload byte | ≤ 1.1 | — | {} |",
             args.groups,
             args.w11_keep,
             w.gc_calls,
@@ -1128,11 +1229,17 @@ fn print_table(args: &Args, r: &Results) {
             w.secs,
             args.segment_size >> 20,
             w.prefill,
+            args.recycle.map_or_else(|| "default".to_owned(), |n| n.to_string()),
+            w.recycled_segments,
+            w.segments,
             w.amplification,
             w.peak_disk_bytes >> 20,
             w.peak_alloc_bytes >> 20,
             w.peak_disk_bytes as f64 / w.live_bytes.max(1) as f64,
             w.live_bytes >> 20,
+            w.sync_lat.p50_us,
+            w.sync_lat.p99_us,
+            w.device_bytes as f64 / w.payload_bytes as f64,
             mark(w.amplification <= 1.1)
         );
     }

@@ -31,8 +31,9 @@ use crate::options::Options;
 use crate::pipeline::{
     first_reservation, freeing_reserve, pack_flushed, Durability, LogWriter, Queue, Tail,
 };
+use crate::pool::Pool;
 use crate::recovery::{recover, seal_clean_shutdown, RecoveryReport, SyncPoint};
-use crate::segment::{create_segment, segment_name, SEGMENT_HEADER_LEN};
+use crate::segment::{create_segment, recycle_segment, segment_name, SEGMENT_HEADER_LEN};
 use crate::verified::VerifiedRecords;
 
 /// Name of the lock file in the data directory.
@@ -118,16 +119,32 @@ impl Drop for Handle {
             }
             file.sync_data()
         };
-        if let Some(file) = prepared {
-            if let Err(e) = trim(file.as_ref()) {
-                tracing::warn!(error = %e, "trimming the prepared segment at shutdown");
+        // The recycling pool serves a running workload; an idle directory keeps none of it.
+        self.inner.pool.drain(fs, dir);
+        let next = log.segment + 1;
+        match prepared {
+            Some(p) if !p.recycled => {
+                if let Err(e) = trim(p.file.as_ref()) {
+                    tracing::warn!(error = %e, "trimming the prepared segment at shutdown");
+                }
             }
-        } else if log.offset > SEGMENT_HEADER_LEN && log.segment < u64::from(u32::MAX) {
-            let next = log.segment + 1;
-            let made = create_segment(fs, dir, next, keep)
-                .or_else(|_| create_segment(fs, dir, next, SEGMENT_HEADER_LEN));
-            if let Err(e) = made {
-                tracing::warn!(error = %e, "leaving an empty segment at shutdown");
+            prepared => {
+                // A recycled one holds stale bytes after its header: replaced by a new one, so
+                // that a cleanly closed directory holds no byte after the end of any segment's
+                // data (a check of it is then as strict as before recycling).
+                if prepared.is_some() {
+                    let removed = fs.remove(&dir.join(segment_name(next)));
+                    if let Err(e) = removed.and_then(|()| fs.sync_dir(dir)) {
+                        tracing::warn!(error = %e, "removing the recycled prepared segment");
+                    }
+                }
+                if log.offset > SEGMENT_HEADER_LEN && next <= u64::from(u32::MAX) {
+                    let made = create_segment(fs, dir, next, keep)
+                        .or_else(|_| create_segment(fs, dir, next, SEGMENT_HEADER_LEN));
+                    if let Err(e) = made {
+                        tracing::warn!(error = %e, "leaving an empty segment at shutdown");
+                    }
+                }
             }
         }
     }
@@ -162,6 +179,8 @@ pub(crate) struct Inner {
     pub(crate) active_segment: AtomicU64,
     /// Up to where fsyncs have made the active segment durable; drives the sync markers.
     pub(crate) sync_point: SyncPoint,
+    /// Dead segment files kept for reuse as new segments.
+    pub(crate) pool: Pool,
     report: RecoveryReport,
     _lock: Box<dyn DirLock>,
 }
@@ -184,6 +203,12 @@ pub struct Stats {
     pub cache_appends: u64,
     /// Segment files on disk.
     pub segments: usize,
+    /// Dead segment files kept on disk for reuse ([`Options::recycle_segments`]).
+    pub pooled_segments: usize,
+    /// Bytes of those files (disk usage beyond the segments).
+    pub pooled_bytes: u64,
+    /// Segments made from a kept dead segment file since open (no new file, no zero-fill).
+    pub recycled_segments: u64,
     /// Id of the segment receiving writes.
     pub active_segment: u64,
     /// Write groups written since open.
@@ -209,6 +234,8 @@ impl Inner {
         }
         s.cache_bytes = inner.cache.charged();
         s.segments = inner.segments.read().len();
+        (s.pooled_segments, s.pooled_bytes) = inner.pool.usage();
+        s.recycled_segments = inner.pool.recycled.load(Ordering::Relaxed);
         let log = inner.log.lock();
         s.active_segment = log.segment;
         s.written_batches = log.written;
@@ -491,6 +518,12 @@ impl Engine {
             groups.shard(id).write().insert(id, g);
         }
         let mut files = rec.files;
+        // Pool files (dead segments kept for reuse) are never read as segments: the newest
+        // `recycle_segments` are kept, the others deleted.
+        let names = fs
+            .list(&dir)
+            .map_err(|e| Error::io("listing the data directory", e))?;
+        let pool = Pool::load(fs.as_ref(), &dir, &names, options.recycle_segments)?;
         // Reuse the empty segments at the end of the log: the oldest takes writes, the next one
         // (prefilled by the previous run) is the next to rotate to, and any others are removed.
         let mut empty_tail = rec.empty_tail.into_iter();
@@ -506,7 +539,26 @@ impl Engine {
                     return Err(Error::SegmentIdsExhausted);
                 }
                 let size = first_reservation(options.segment_size);
-                let file = match create_segment(fs.as_ref(), &dir, id, size) {
+                // A pool file first: it needs no new space (the one way to open on a full disk
+                // that holds one), then a new file.
+                let recycled = pool.take().and_then(|pool_id| {
+                    let no_cancel = std::sync::atomic::AtomicBool::new(false);
+                    match recycle_segment(fs.as_ref(), &dir, pool_id, id, size, false, &no_cancel) {
+                        Ok((file, _)) => {
+                            Pool::count_recycled(&pool.recycled);
+                            Some(file)
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "recycling a pool file at open failed");
+                            None
+                        }
+                    }
+                });
+                let created = match recycled {
+                    Some(file) => Ok(file),
+                    None => create_segment(fs.as_ref(), &dir, id, size),
+                };
+                let file = match created {
                     Err(Error::NoSpace { context }) => {
                         tracing::warn!(%context, "full disk at open: a segment without reserve");
                         create_segment(fs.as_ref(), &dir, id, SEGMENT_HEADER_LEN).map_err(|e| {
@@ -561,6 +613,7 @@ impl Engine {
                 reserved,
                 scratch: Default::default(),
                 unsynced_bytes: 0,
+                await_pool: false,
             }),
             tail: RwLock::new(Tail {
                 segment,
@@ -575,6 +628,7 @@ impl Engine {
             gc_serial: Mutex::new(()),
             active_segment: AtomicU64::new(segment),
             sync_point: SyncPoint::after_recovery(rec.last_sealed),
+            pool,
             report: rec.report,
             _lock: lock,
             opts: options,

@@ -8,7 +8,8 @@
 //! is in the active segment.
 //!
 //! Invariants:
-//! - A segment is deleted only after a durable checkpoint covers it and no group references it.
+//! - A segment is deleted only after a durable checkpoint covers it and no group references it;
+//!   at that point its file may go to the recycling pool instead (`pool`), if no reader holds it.
 //! - A checkpoint at `(B, O)` is stored only once every record below `(B, O)` is durable: the GC
 //!   thread waits for the write group that ended at `(B, O)` through the sync stage (it never
 //!   fsyncs the log itself), because the checkpoint holds their effects.
@@ -42,7 +43,6 @@ use crate::engine::{Engine, Inner};
 use crate::error::{Error, Result};
 use crate::options::MAX_RECORD_BYTES;
 use crate::pipeline::{pack_flushed, Durability, LogWriter};
-use crate::segment::segment_name;
 
 /// A rewrite copies at most `1 / REWRITE_COPY_FRACTION` of the bytes it frees.
 pub(crate) const REWRITE_COPY_FRACTION: u64 = 4;
@@ -51,10 +51,15 @@ pub(crate) const REWRITE_COPY_FRACTION: u64 = 4;
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct GcReport {
-    /// Segments deleted.
+    /// Segments removed from the log: their files deleted, or kept for recycling (those are
+    /// also in `recycled_segments`).
     pub deleted_segments: Vec<u64>,
-    /// Bytes of the deleted segment files.
+    /// Bytes of the segment files deleted (given back to the file system; files kept for
+    /// recycling are not counted).
     pub freed_bytes: u64,
+    /// Segments whose files were kept for reuse as new segments
+    /// ([`crate::Options::recycle_segments`]) instead of being deleted.
+    pub recycled_segments: Vec<u64>,
     /// Groups rewritten into the active segment so that old segments could go.
     pub rewritten_groups: Vec<u64>,
     /// Payload bytes those rewrites copied.
@@ -103,6 +108,7 @@ struct Job {
 struct Outcome {
     deleted: Vec<u64>,
     freed: u64,
+    pooled: Vec<u64>,
     postponed: Option<String>,
 }
 
@@ -232,7 +238,11 @@ impl Inner {
                     freed = done.freed,
                     "GC job done"
                 );
-                crate::telemetry::gc_run(done.freed, self.segments.read().len());
+                crate::telemetry::gc_run(
+                    done.freed,
+                    self.segments.read().len(),
+                    self.pool.usage().0,
+                );
                 self.stats();
             }
             drop(span);
@@ -328,22 +338,33 @@ impl Inner {
         }
         *last = checkpoint.position();
         let mut freed = 0;
+        let mut pooled: Vec<(u64, u64)> = Vec::new();
         for id in &job.dead {
-            if let Some(f) = self.segments.write().remove(id) {
-                freed += f.len().unwrap_or(0);
-            }
-            // A dead segment left behind is harmless: recovery removes it (the checkpoint no
+            // Out of the segment map first: no reader can take a new handle to it after this.
+            let file = self.segments.write().remove(id);
+            let len = file.as_ref().and_then(|f| f.len().ok()).unwrap_or(0);
+            // Kept for recycling if no reader holds it and the pool has room; else deleted. A
+            // dead segment left behind is harmless: recovery removes it (the checkpoint no
             // longer lists it).
-            if let Err(e) = self.fs.remove(&self.dir.join(segment_name(*id))) {
-                tracing::warn!(segment = id, error = %e, "removing a dead segment");
+            let max = self.opts.recycle_segments;
+            match self
+                .pool
+                .retire(self.fs.as_ref(), &self.dir, *id, file, pooled.len(), max)
+            {
+                Ok(Some(len)) => pooled.push((*id, len)),
+                Ok(None) => freed += len,
+                Err(e) => tracing::warn!(segment = id, error = %e, "removing a dead segment"),
             }
         }
         self.fs
             .sync_dir(&self.dir)
             .map_err(|e| self.fail(Error::io("syncing the directory after GC", e)))?;
+        let pooled_ids = pooled.iter().map(|&(id, _)| id).collect();
+        self.pool.add(pooled);
         Ok(Outcome {
             deleted: job.dead,
             freed,
+            pooled: pooled_ids,
             postponed: None,
         })
     }
@@ -562,6 +583,7 @@ impl Engine {
                     let outcome = inner.wait_gc_job(n);
                     report.deleted_segments = outcome.deleted;
                     report.freed_bytes = outcome.freed;
+                    report.recycled_segments = outcome.pooled;
                     report.postponed = outcome.postponed.or(report.postponed);
                 }
                 None => inner.wait_gc_idle(),

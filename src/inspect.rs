@@ -89,13 +89,14 @@ pub enum PlannedChange {
         /// Bytes dropped.
         bytes: u64,
     },
-    /// Trim zeros after the last record of a segment that was active (not damage).
+    /// Trim zeros (in a recycled segment: zeros, then stale bytes of the older segments the file
+    /// held) after the last record of a segment that was active (not damage).
     TrimZeroTail {
         /// Segment id.
         segment: u64,
         /// Where the trim starts (the end of the last record).
         offset: u64,
-        /// Bytes of zeros dropped.
+        /// Bytes dropped (zeros, or a recycled segment's stale bytes).
         bytes: u64,
     },
     /// fdatasync a segment whose accepted bytes were not proven durable.
@@ -150,7 +151,7 @@ impl fmt::Display for PlannedChange {
                 bytes,
             } => write!(
                 f,
-                "trim {bytes} bytes of zeros after the last record of segment {segment} (offset {offset})"
+                "trim {bytes} bytes of zeros (or stale bytes of a recycled file) after the last record of segment {segment} (offset {offset})"
             ),
             PlannedChange::SyncSegment { segment } => write!(f, "fdatasync segment {segment}"),
             PlannedChange::RemoveStaleSegment { segment } => {

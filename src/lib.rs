@@ -21,6 +21,7 @@ mod index;
 pub mod inspect;
 mod options;
 mod pipeline;
+mod pool;
 #[cfg(feature = "openraft")]
 #[cfg_attr(docsrs, doc(cfg(feature = "openraft")))]
 pub mod raft;

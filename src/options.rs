@@ -16,6 +16,10 @@ pub const MAX_RECORD_BYTES: u64 = 1 << 30;
 pub const MAX_SEGMENT_SIZE: u64 = 2 << 30;
 /// Default byte budget of the entry cache ([`Options::cache_bytes`]).
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
+/// Default of [`Options::recycle_segments`].
+pub const DEFAULT_RECYCLE_SEGMENTS: usize = 2;
+/// Largest [`Options::recycle_segments`].
+pub const MAX_RECYCLE_SEGMENTS: usize = 64;
 /// Smallest segment target size.
 pub const MIN_SEGMENT_SIZE: u64 = 4096;
 
@@ -70,6 +74,7 @@ pub enum RecoveryMode {
 ///     "recovery-mode": "tolerate-any",
 ///     "recovery-threads": 4,
 ///     "prefill-segments": false,
+///     "recycle-segments": 4,
 ///     "gc-rewrite-max-entries": 128,
 ///     "auto-gc": true
 /// }"#)?;
@@ -90,6 +95,7 @@ pub struct Options {
     pub(crate) recovery_mode: RecoveryMode,
     pub(crate) recovery_threads: usize,
     pub(crate) prefill_segments: bool,
+    pub(crate) recycle_segments: usize,
     pub(crate) gc_rewrite_max_entries: u64,
     pub(crate) auto_gc: bool,
     #[cfg_attr(feature = "serde", serde(with = "size"))]
@@ -138,6 +144,7 @@ impl fmt::Debug for Options {
             .field("recovery_mode", &self.recovery_mode)
             .field("recovery_threads", &self.recovery_threads)
             .field("prefill_segments", &self.prefill_segments)
+            .field("recycle_segments", &self.recycle_segments)
             .field("gc_rewrite_max_entries", &self.gc_rewrite_max_entries)
             .field("auto_gc", &self.auto_gc)
             .field("cache_bytes", &self.cache_bytes)
@@ -158,6 +165,7 @@ impl Default for Options {
                 .map(|n| n.get())
                 .unwrap_or(2),
             prefill_segments: true,
+            recycle_segments: DEFAULT_RECYCLE_SEGMENTS,
             gc_rewrite_max_entries: u64::MAX,
             auto_gc: true,
             cache_bytes: DEFAULT_CACHE_BYTES,
@@ -205,6 +213,21 @@ impl Options {
     /// writes each byte once. With `false`, space is only reserved (fallocate). Default: true.
     pub fn prefill_segments(mut self, prefill: bool) -> Self {
         self.prefill_segments = prefill;
+        self
+    }
+
+    /// How many dead segment files GC keeps (renamed `<id>.wal.free`) to be reused as new
+    /// segments instead of deleting them. A reused file is already written whole, so it serves
+    /// fdatasync as cheaply as a zero-filled one without being zero-filled again: under steady
+    /// churn with synced writes, segments are neither created nor zero-filled any more (see
+    /// docs/BENCHMARKS.md, W11). Files a reader still holds are deleted, not kept. Kept files
+    /// count as disk usage (at most this many segments beyond the log), are the first thing
+    /// deleted on a full disk, and are deleted at a clean shutdown (an idle directory keeps
+    /// none). 0 turns recycling off (dead segments are deleted). Default: 2:
+    /// steady churn frees about one segment per rotation and prepares one per rotation, so one
+    /// kept file serves it; the second covers a GC that frees two at once. Range: 0 to 64.
+    pub fn recycle_segments(mut self, files: usize) -> Self {
+        self.recycle_segments = files;
         self
     }
 
@@ -289,6 +312,12 @@ impl Options {
                     "{} is outside {MIN_SEGMENT_SIZE}..={MAX_SEGMENT_SIZE}",
                     self.segment_size
                 ),
+            });
+        }
+        if self.recycle_segments > MAX_RECYCLE_SEGMENTS {
+            return Err(Error::InvalidOption {
+                option: "recycle_segments",
+                reason: format!("{} is above {MAX_RECYCLE_SEGMENTS}", self.recycle_segments),
             });
         }
         if self.recovery_threads == 0 {

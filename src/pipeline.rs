@@ -34,6 +34,13 @@
 //!   size when no next segment can be created. Other batches are refused with
 //!   [`Error::NoSpace`] (with every later member of their write group, so that what is placed
 //!   is always a prefix that validation saw) and nothing is poisoned.
+//! - Every positioned write of the tail also writes [`TERMINATOR_LEN`] zero bytes right after
+//!   its last record (one `pwritev`, covered by the same fdatasync; the next write overwrites
+//!   them): a completed write always ends in a zero record header, which is how recovery finds
+//!   the end of the data in a recycled segment, whose later bytes are stale records. The space
+//!   checks (rotation, reservation, the freeing reserve) count the terminator.
+//! - A next segment comes from the recycling pool (`pool`) when it holds a file: its header is
+//!   rewritten and it is extended if short, never zero-filled again (its bytes are written).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -47,7 +54,10 @@ use crate::error::{Error, Result};
 use crate::fs::FsFile;
 use crate::index::{apply_op, ApplyCtx, Groups, Range, RecordPos, RefDelta};
 use crate::options::MAX_RECORD_BYTES;
-use crate::segment::{create_segment, prefill_segment, segment_name, SEGMENT_HEADER_LEN};
+use crate::pool::Pool;
+use crate::segment::{
+    create_segment, recycle_segment, segment_name, SEGMENT_HEADER_LEN, TERMINATOR_LEN,
+};
 
 /// The tail buffer is written out once it holds this much (or at the next fsync or rotation).
 const FLUSH_AT: usize = 64 << 10;
@@ -122,10 +132,22 @@ pub(crate) fn pack_flushed(segment: u64, offset: u64) -> u64 {
     (segment << 32) | (offset & 0xFFFF_FFFF)
 }
 
+/// A segment ready to take writes.
+pub(crate) struct Prepared {
+    pub(crate) file: Arc<dyn FsFile>,
+    /// Whether every byte up to the segment size plus the freeing reserve is written (zeros or a
+    /// recycled file's old bytes): fdatasync into it needs no metadata.
+    pub(crate) prefilled: bool,
+    /// Bytes from the start of the file that are written (a zero-fill may start there).
+    pub(crate) written_to: u64,
+    /// Made from a pool file: stale bytes of older segments may follow its data.
+    pub(crate) recycled: bool,
+}
+
 /// The next segment, being created (and possibly zero-filled) in the background.
 pub(crate) struct Preparing {
     id: u64,
-    handle: JoinHandle<Result<(Arc<dyn FsFile>, bool)>>,
+    handle: JoinHandle<Result<Prepared>>,
     /// Whether it will be zero-filled.
     prefill: bool,
     /// Stops a zero-fill between chunks (a rotation does not wait for it).
@@ -154,6 +176,9 @@ pub(crate) struct LogWriter {
     /// Bytes written to the active segment's file since its last fdatasync (see
     /// `Options::bytes_per_sync`).
     pub(crate) unsynced_bytes: u64,
+    /// The next segment waits for a file GC is putting in the recycling pool: it is prepared
+    /// at half full, not earlier (see `rotate`).
+    pub(crate) await_pool: bool,
 }
 
 /// The write leader's working buffers, kept with the log (whose lock the leader holds) so that
@@ -450,7 +475,9 @@ impl Inner {
             }
             let len = m.record.len() as u64;
             let frees = m.batch.only_frees();
-            let full = log.offset > SEGMENT_HEADER_LEN && log.offset + len > self.opts.segment_size;
+            // Every write ends with a terminator: room for it counts.
+            let full = log.offset > SEGMENT_HEADER_LEN
+                && log.offset + len + TERMINATOR_LEN > self.opts.segment_size;
             let upgrade = !log.prefilled
                 && log
                     .next
@@ -475,7 +502,7 @@ impl Inner {
                     // No next segment on a full disk (nothing changed): a batch that only
                     // frees goes into this segment's freeing reserve; others are refused.
                     Err(e @ Error::NoSpace { .. }) if self.commit.poisoned().is_none() => {
-                        if !(frees && log.offset + len <= log.reserved) {
+                        if !(frees && log.offset + len + TERMINATOR_LEN <= log.reserved) {
                             if let Some(r) = results.get_mut(i) {
                                 *r = Err(e.duplicate());
                             }
@@ -490,7 +517,8 @@ impl Inner {
                 }
             }
             // Space for the record (and, unless it only frees, the freeing reserve after it).
-            let want = log.offset + len + if frees { 0 } else { self.freeing_reserve() };
+            let want =
+                log.offset + len + TERMINATOR_LEN + if frees { 0 } else { self.freeing_reserve() };
             if want > log.reserved {
                 if let Err(e) = self.reserve(&mut log, want) {
                     if let Some(r) = results.get_mut(i) {
@@ -525,6 +553,7 @@ impl Inner {
         // The next segment is prepared once this one is half full (zero-filled if this one
         // serves durable writes).
         if log.next.is_none() && log.offset >= self.opts.segment_size / 2 {
+            log.await_pool = false;
             let prefill = self.opts.prefill_segments && log.syncs_in_segment >= PREFILL_AFTER_SYNCS;
             log.next = Some(self.prepare(log.segment + 1, prefill));
         }
@@ -676,7 +705,11 @@ impl Inner {
             return Ok(());
         }
         let (base, len) = (tail.base, tail.bytes.len() as u64);
-        let written = log.file.write_all_at(&tail.bytes, base);
+        // The terminator: the next flush writes over it.
+        const TERMINATOR: [u8; TERMINATOR_LEN as usize] = [0; TERMINATOR_LEN as usize];
+        let written = log
+            .file
+            .write_all_vectored_at(&[&tail.bytes, &TERMINATOR], base);
         drop(tail);
         if let Err(e) = written {
             let err = Error::io(format!("writing to segment {}", log.segment), e);
@@ -720,7 +753,16 @@ impl Inner {
         let cap = self.opts.segment_size + self.freeing_reserve();
         let step = log.reserved.clamp(RESERVE_FIRST, RESERVE_MAX_STEP);
         let target = want.max((log.reserved + step).min(cap));
-        match log.file.allocate(target) {
+        let mut allocated = log.file.allocate(target);
+        if allocated
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::StorageFull)
+            && self.pool.drain(self.fs.as_ref(), &self.dir) > 0
+        {
+            // A full disk gives the recycling pool back first.
+            allocated = log.file.allocate(target);
+        }
+        match allocated {
             Ok(()) => {
                 log.reserved = target;
                 Ok(())
@@ -749,6 +791,8 @@ impl Inner {
     /// segment's reservation beyond its last record (its freeing reserve included; a later
     /// write reserves again). Failures are logged: this only makes room.
     pub(crate) fn release_reserved_space(&self) {
+        // The recycling pool goes first: it holds no data at all.
+        self.pool.drain(self.fs.as_ref(), &self.dir);
         let mut log = self.log.lock();
         let next_id = log.next.as_ref().map(|p| p.id);
         if let Some(id) = next_id {
@@ -770,24 +814,49 @@ impl Inner {
     }
 
     /// Starts preparing segment `id` in the background, zero-filled (whole) or with its first
-    /// reservation.
+    /// reservation; from a pool file when the recycling pool holds one.
     pub(crate) fn prepare(&self, id: u64, prefill: bool) -> Preparing {
         let fs = self.fs.clone();
         let dir = self.dir.clone();
+        let full = self.opts.segment_size + self.freeing_reserve();
         let size = if prefill {
-            self.opts.segment_size + self.freeing_reserve()
+            full
         } else {
             first_reservation(self.opts.segment_size)
         };
+        let pooled = self.pool.take();
+        let recycled = self.pool.recycled.clone();
         let cancel = Arc::new(AtomicBool::new(false));
         let stop = cancel.clone();
         let handle = std::thread::spawn(move || {
-            let file = create_segment(fs.as_ref(), &dir, id, size)?;
-            if prefill {
-                let done = prefill_segment(file.as_ref(), id, size, &stop)?;
-                return Ok((file, done));
+            if let Some(pool_id) = pooled {
+                match recycle_segment(fs.as_ref(), &dir, pool_id, id, size, prefill, &stop) {
+                    Ok((file, written_to)) => {
+                        Pool::count_recycled(&recycled);
+                        return Ok(Prepared {
+                            file,
+                            prefilled: written_to >= full,
+                            written_to,
+                            recycled: true,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(segment = id, error = %e, "recycling a pool file failed");
+                    }
+                }
             }
-            Ok((file, false))
+            let file = create_segment(fs.as_ref(), &dir, id, size)?;
+            let written_to = if prefill {
+                zero_fill(file.as_ref(), id, SEGMENT_HEADER_LEN, size, &stop)?
+            } else {
+                SEGMENT_HEADER_LEN
+            };
+            Ok(Prepared {
+                file,
+                prefilled: written_to >= full,
+                written_to,
+                recycled: false,
+            })
         });
         Preparing {
             id,
@@ -801,7 +870,15 @@ impl Inner {
     pub(crate) fn prepared(&self, id: u64, file: Arc<dyn FsFile>) -> Preparing {
         Preparing {
             id,
-            handle: std::thread::spawn(move || Ok((file, false))),
+            handle: std::thread::spawn(move || {
+                let recycled = crate::segment::is_recycled(file.as_ref());
+                Ok(Prepared {
+                    file,
+                    prefilled: false,
+                    written_to: SEGMENT_HEADER_LEN,
+                    recycled,
+                })
+            }),
             prefill: false,
             cancel: Arc::new(AtomicBool::new(false)),
         }
@@ -822,8 +899,11 @@ impl Inner {
         }
         let Some(pending) = log.next.take() else {
             // Nothing prepared yet (the segment is not half full): a synced workload wants the
-            // next segment now, zero-filled, and moves to it once it is ready.
-            log.next = Some(self.prepare(log.segment + 1, true));
+            // next segment now, zero-filled, and moves to it once it is ready; unless a file
+            // is on its way to the recycling pool (prepared from it at half full).
+            if !log.await_pool {
+                log.next = Some(self.prepare(log.segment + 1, true));
+            }
             return;
         };
         let id = pending.id;
@@ -831,17 +911,20 @@ impl Inner {
         let cancel = pending.cancel.clone();
         let stop = cancel.clone();
         let handle = std::thread::spawn(move || {
-            let (file, prefilled) = pending.handle.join().map_err(|_| {
+            let mut prepared = pending.handle.join().map_err(|_| {
                 Error::io(
                     "preparing a segment",
                     std::io::Error::other("preparation thread panicked"),
                 )
             })??;
-            if prefilled {
-                return Ok((file, true));
+            if prepared.prefilled {
+                return Ok(prepared);
             }
-            let done = prefill_segment(file.as_ref(), id, size, &stop)?;
-            Ok((file, done))
+            // Only what is not written yet (a recycled file is written up to its old length).
+            let from = prepared.written_to.max(SEGMENT_HEADER_LEN);
+            prepared.written_to = zero_fill(prepared.file.as_ref(), id, from, size, &stop)?;
+            prepared.prefilled = prepared.written_to >= size;
+            Ok(prepared)
         });
         log.next = Some(Preparing {
             id,
@@ -853,7 +936,7 @@ impl Inner {
 
     /// Takes the prepared next segment, cancelling a zero-fill still running (the segment is
     /// usable as reserved space), or creates it inline if its preparation failed.
-    fn take_next(&self, log: &mut LogWriter, next_id: u64) -> Result<(Arc<dyn FsFile>, bool)> {
+    fn take_next(&self, log: &mut LogWriter, next_id: u64) -> Result<Prepared> {
         if let Some(p) = log.next.take() {
             if p.id == next_id {
                 p.cancel.store(true, Ordering::Relaxed);
@@ -868,8 +951,29 @@ impl Inner {
         // id is garbage from the failed attempt.
         let _ = self.fs.remove(&self.dir.join(segment_name(next_id)));
         let size = first_reservation(self.opts.segment_size);
+        if let Some(pool_id) = self.pool.take() {
+            let no_cancel = AtomicBool::new(false);
+            let (fs, dir) = (self.fs.as_ref(), &self.dir);
+            match recycle_segment(fs, dir, pool_id, next_id, size, false, &no_cancel) {
+                Ok((file, written_to)) => {
+                    Pool::count_recycled(&self.pool.recycled);
+                    return Ok(Prepared {
+                        file,
+                        prefilled: written_to >= self.opts.segment_size + self.freeing_reserve(),
+                        written_to,
+                        recycled: true,
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "recycling a pool file failed"),
+            }
+        }
         let file = create_segment(self.fs.as_ref(), &self.dir, next_id, size)?;
-        Ok((file, false))
+        Ok(Prepared {
+            file,
+            prefilled: false,
+            written_to: SEGMENT_HEADER_LEN,
+            recycled: false,
+        })
     }
 
     /// Seals the active segment (tail written out, trimmed, fsynced) and switches to the next
@@ -882,7 +986,9 @@ impl Inner {
         if next_id > u64::from(u32::MAX) {
             return Err(self.fail(Error::SegmentIdsExhausted));
         }
-        let (file, prefilled) = self.take_next(log, next_id)?;
+        let Prepared {
+            file, prefilled, ..
+        } = self.take_next(log, next_id)?;
         // A sealed segment ends with its last record: recovery reads no zero tail, and the space
         // reserved beyond the data goes back to the file system.
         if log.file.len().map_or(true, |l| l > log.offset) {
@@ -920,26 +1026,41 @@ impl Inner {
         // the bytes written); otherwise it is prepared once this one is half full (see
         // `write_group`), zero-filled only if this one serves durable writes by then. A bulk,
         // unsynced load gains nothing from zero-filling and would write every byte twice.
+        //
+        // With recycling, a GC armed by this rotation is about to put a dead segment's file in
+        // the pool: the next segment is then prepared at half full, from that file, instead of
+        // zero-filling a new one now (which would also hold one more segment on disk while the
+        // pool holds the dead one).
         let synced_workload =
             self.opts.prefill_segments && log.syncs_in_segment >= PREFILL_AFTER_SYNCS;
         log.prefilled = prefilled;
         log.syncs_in_segment = 0;
-        if synced_workload {
-            log.next = Some(self.prepare(next_id + 1, true));
-        }
-        Ok(if self.opts.auto_gc {
+        let job = if self.opts.auto_gc {
             self.arm_gc(log)
         } else {
             None
-        })
+        };
+        log.await_pool =
+            self.opts.recycle_segments > 0 && job.is_some() && self.pool.usage().0 == 0;
+        if synced_workload && !log.await_pool {
+            log.next = Some(self.prepare(next_id + 1, true));
+        }
+        Ok(job)
     }
 
     /// Cancels and joins the segment preparation (shutdown); returns the prepared file, if any.
-    pub(crate) fn stop_preparing(&self, log: &mut LogWriter) -> Option<Arc<dyn FsFile>> {
+    pub(crate) fn stop_preparing(&self, log: &mut LogWriter) -> Option<Prepared> {
         let p = log.next.take()?;
         p.cancel.store(true, Ordering::Relaxed);
-        p.handle.join().ok().and_then(|r| r.ok()).map(|(f, _)| f)
+        p.handle.join().ok().and_then(|r| r.ok())
     }
+}
+
+/// Zero-fills `[from, to)` of segment `id` (see [`crate::segment::zero_fill_range`]); returns
+/// where it stopped (a rotation cancels it).
+fn zero_fill(file: &dyn FsFile, id: u64, from: u64, to: u64, cancel: &AtomicBool) -> Result<u64> {
+    crate::segment::zero_fill_range(file, from, to, cancel)
+        .map_err(|e| Error::io(format!("prefilling segment {id}"), e))
 }
 
 #[cfg(test)]

@@ -29,6 +29,10 @@ pub(crate) const ROTATIONS: &str = "mrwal_rotations_total";
 pub(crate) const GC_RUNS: &str = "mrwal_gc_runs_total";
 /// Bytes of segment files GC deleted.
 pub(crate) const GC_FREED_BYTES: &str = "mrwal_gc_freed_bytes_total";
+/// Segments made from a recycled (pooled) dead segment file instead of a new file.
+pub(crate) const RECYCLED: &str = "mrwal_segments_recycled_total";
+/// Dead segment files kept in the recycling pool.
+pub(crate) const POOLED: &str = "mrwal_pooled_segments";
 /// Duration of the last recovery, in seconds.
 pub(crate) const RECOVERY_SECONDS: &str = "mrwal_recovery_seconds";
 /// Bytes of segment files recovery scanned.
@@ -58,6 +62,8 @@ pub(crate) fn describe() {
         describe_counter!(BYTES_WRITTEN, Unit::Bytes, "bytes written to segment files");
         describe_counter!(ROTATIONS, "segment rotations");
         describe_counter!(GC_RUNS, "GC jobs finished");
+        describe_counter!(RECYCLED, "segments made from a recycled dead segment file");
+        describe_gauge!(POOLED, "dead segment files kept for recycling");
         describe_counter!(GC_FREED_BYTES, Unit::Bytes, "bytes of segments GC deleted");
         describe_gauge!(
             RECOVERY_SECONDS,
@@ -101,11 +107,18 @@ pub(crate) fn rotation(segments: usize) {
     gauge!(SEGMENTS).set(segments as f64);
 }
 
-/// A GC job deleted segments of `freed` bytes; `segments` remain.
-pub(crate) fn gc_run(freed: u64, segments: usize) {
+/// A GC job deleted segments of `freed` bytes; `segments` remain, `pooled` files are kept
+/// for recycling.
+pub(crate) fn gc_run(freed: u64, segments: usize, pooled: usize) {
     counter!(GC_RUNS).increment(1);
     counter!(GC_FREED_BYTES).increment(freed);
     gauge!(SEGMENTS).set(segments as f64);
+    gauge!(POOLED).set(pooled as f64);
+}
+
+/// A segment was made from a pool file.
+pub(crate) fn recycled() {
+    counter!(RECYCLED).increment(1);
 }
 
 /// Recovery took `took`, scanned `scanned` bytes and cut or skipped `dropped`.

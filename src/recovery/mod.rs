@@ -759,4 +759,87 @@ mod tests {
             Err(Error::MissingSegment { segment: 1 })
         ));
     }
+
+    /// A recycled segment (flag set) holding `records`, the terminator, then stale bytes of
+    /// the file's previous segment `old`.
+    fn write_recycled(dir: &Path, id: u64, records: &[Vec<u8>], old: u64) -> u64 {
+        let mut data =
+            crate::segment::encode_header_flags(id, crate::segment::FLAG_RECYCLED).to_vec();
+        for r in records {
+            data.extend_from_slice(r);
+        }
+        let end = data.len() as u64;
+        data.extend_from_slice(&[0; crate::segment::TERMINATOR_LEN as usize]);
+        for i in 0..20 {
+            data.extend_from_slice(&append_record(old, 5, 1 + i * 3, 3));
+        }
+        std::fs::write(dir.join(segment_name(id)), data).unwrap();
+        end
+    }
+
+    #[test]
+    fn a_recycled_segment_with_stale_bytes_opens_in_strict_mode_and_is_trimmed() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_segment(tmp.path(), 1, &[append_record(1, 1, 1, 2)]);
+        let end = write_recycled(
+            tmp.path(),
+            2,
+            &[append_record(2, 1, 3, 2), append_record(2, 1, 5, 1)],
+            1,
+        );
+        let r = recover(&StdFs, tmp.path(), &opts(RecoveryMode::Strict)).unwrap();
+        assert_eq!(r.groups[&1].entries.range(), Range { first: 1, len: 5 });
+        assert!(r.report.tail_cut.is_none() && r.report.skipped.is_empty());
+        // Sealed as a rotation would: cut to its last record (the stale bytes go).
+        let len = std::fs::metadata(tmp.path().join(segment_name(2)))
+            .unwrap()
+            .len();
+        assert_eq!(len, end);
+        assert!(recover(&StdFs, tmp.path(), &opts(RecoveryMode::Strict)).is_ok());
+    }
+
+    #[test]
+    fn records_lost_before_a_marker_in_a_recycled_segment_are_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r1 = append_record(1, 1, 1, 2);
+        let r2 = append_record(1, 1, 3, 2);
+        let synced_to = SEGMENT_HEADER_LEN + (r1.len() + r2.len()) as u64;
+        let marker = crate::codec::encode_sync_marker(
+            1,
+            crate::codec::SyncMarker {
+                synced_to,
+                prev_sealed_len: 0,
+            },
+        );
+        let r3 = append_record(1, 1, 5, 1);
+        write_recycled(tmp.path(), 1, &[r1.clone(), r2.clone(), marker, r3], 7);
+        let path = tmp.path().join(segment_name(1));
+        let good = std::fs::read(&path).unwrap();
+        // r2 (synced, the marker says so) zeroed: a zero header, then an intact marker of this
+        // segment. Corruption in every mode but TolerateAny, never a clean end.
+        let mut lost = good.clone();
+        let at = SEGMENT_HEADER_LEN as usize + r1.len();
+        lost[at..at + r2.len()].fill(0);
+        std::fs::write(&path, &lost).unwrap();
+        for mode in [RecoveryMode::Strict, RecoveryMode::TolerateTail] {
+            match recover(&StdFs, tmp.path(), &opts(mode)) {
+                Err(Error::Corruption {
+                    segment: 1, offset, ..
+                }) => assert_eq!(offset, at as u64),
+                other => panic!("{mode:?}: {:?}", other.map(|r| r.report)),
+            }
+        }
+        // r3 (after the marker, never synced) torn: a torn tail, cut in TolerateTail.
+        let mut torn = good.clone();
+        let r3_at = synced_to as usize + crate::codec::SYNC_MARKER_LEN;
+        torn[r3_at + 20] ^= 1;
+        std::fs::write(&path, &torn).unwrap();
+        assert!(matches!(
+            recover(&StdFs, tmp.path(), &opts(RecoveryMode::Strict)),
+            Err(Error::TornTail { segment: 1, .. })
+        ));
+        let r = recover(&StdFs, tmp.path(), &opts(RecoveryMode::TolerateTail)).unwrap();
+        assert_eq!(r.report.tail_cut.map(|c| c.offset), Some(r3_at as u64));
+        assert_eq!(r.groups[&1].entries.range(), Range { first: 1, len: 4 });
+    }
 }

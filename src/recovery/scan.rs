@@ -6,6 +6,14 @@
 //! segment is what recovery may rely on as proven durable. After damage, the rest of the segment
 //! is searched for intact markers, since a marker after the damage still proves the bytes before
 //! its `synced_to` were durable (see docs/FORMAT.md, "Durable points").
+//!
+//! The end of the data: the first zero record header (or fewer than 16 bytes left). In a
+//! segment without the recycled flag every byte after it must be zero, anything else is damage
+//! at the end. In a recycled segment (header flag `FLAG_RECYCLED`) the bytes after it are stale
+//! records of older segments, which never pass a CRC seeded with this segment's id; there the
+//! rest of the segment is searched for an intact sync marker of this segment instead: one found
+//! means records were lost after the zero header (damage at the end, which the durable points
+//! classify), none means a clean end.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,7 +28,7 @@ use crate::codec::{
 use crate::error::{Error, Result};
 use crate::fs::{FileSystem, FsFile};
 use crate::options::{Options, RecoveryMode, MAX_SEGMENT_SIZE};
-use crate::segment::{check_header, SEGMENT_HEADER_LEN};
+use crate::segment::{check_header, FLAG_RECYCLED, SEGMENT_HEADER_LEN};
 
 use super::SkippedRange;
 
@@ -65,6 +73,8 @@ pub(super) struct ScanParts {
     pub(super) damage: Option<Damage>,
     /// Damaged ranges skipped ([`RecoveryMode::TolerateAny`] only).
     pub(super) skipped: Vec<SkippedRange>,
+    /// The header has the recycled flag: bytes after the end may be stale records.
+    pub(super) recycled: bool,
 }
 
 /// One scanned segment file.
@@ -190,10 +200,13 @@ fn is_zero(b: &[u8]) -> bool {
     words && chunks.remainder().iter().all(|&x| x == 0)
 }
 
-/// Reads and checks the record header at `pos` (`left` bytes remain in the source).
+/// Reads and checks the record header at `pos` (`left` bytes remain in the source). In a
+/// `recycled` segment a zero header is the end whatever follows (the caller then looks for lost
+/// markers).
 fn header_at<S: Source>(
     pos: u64,
     left: u64,
+    recycled: bool,
     win: &mut Window<'_, S>,
 ) -> std::io::Result<std::result::Result<RecordHeader, Found>> {
     let head = win.bytes(pos, to_usize(left).min(RECORD_HEADER_LEN))?;
@@ -204,7 +217,7 @@ fn header_at<S: Source>(
         return Ok(Err(Found::Bad("truncated record header".into(), None)));
     };
     if is_zero(&hb) {
-        if win.zero_from(pos)? {
+        if recycled || win.zero_from(pos)? {
             return Ok(Err(Found::End));
         }
         return Ok(Err(Found::Bad(
@@ -222,11 +235,12 @@ fn header_at<S: Source>(
 fn decode_at<S: Source>(
     id: u64,
     pos: u64,
+    recycled: bool,
     win: &mut Window<'_, S>,
     out: &mut Records,
 ) -> std::io::Result<Found> {
     let left = win.src.size().saturating_sub(pos);
-    let header = match header_at(pos, left, win)? {
+    let header = match header_at(pos, left, recycled, win)? {
         Ok(h) => h,
         Err(found) => return Ok(found),
     };
@@ -345,7 +359,9 @@ pub(super) fn scan_source<S: Source>(
         filled: 0,
     };
     let head = win.bytes(0, to_usize(len.min(SEGMENT_HEADER_LEN)))?;
-    if let Err(reason) = check_header(id, head) {
+    let checked = check_header(id, head);
+    parts.recycled = checked.is_ok_and(|flags| flags & FLAG_RECYCLED != 0);
+    if let Err(reason) = checked {
         if tolerate_any {
             // The whole segment is skipped and reported; it contributes nothing.
             parts.skipped.push(SkippedRange {
@@ -364,11 +380,40 @@ pub(super) fn scan_source<S: Source>(
     }
     let mut pos = SEGMENT_HEADER_LEN;
     parts.valid_end = pos;
+    let recycled = parts.recycled;
     while pos < len {
-        match decode_at(id, pos, &mut win, &mut parts.records)? {
+        match decode_at(id, pos, recycled, &mut win, &mut parts.records)? {
             Found::Record(n) => {
                 pos += n;
                 parts.valid_end = pos;
+            }
+            Found::End if recycled => {
+                // Stale bytes of older segments may follow; an intact marker of this segment
+                // may not: records of this segment were lost before it.
+                let later = markers_after(id, pos, &mut win)?;
+                if later.synced_to > 0 {
+                    let reason = "an intact sync marker of this segment after the end of its \
+                                  data (a zero record header in a recycled segment): records \
+                                  were lost"
+                        .to_owned();
+                    if tolerate_any {
+                        parts.skipped.push(SkippedRange {
+                            segment: id,
+                            start: pos,
+                            end: len,
+                            reason,
+                        });
+                    } else {
+                        let r = &mut parts.records;
+                        r.synced_to = r.synced_to.max(later.synced_to);
+                        r.prev_sealed_len = r.prev_sealed_len.max(later.prev_sealed_len);
+                        parts.damage = Some(Damage {
+                            offset: pos,
+                            reason,
+                        });
+                    }
+                }
+                break;
             }
             Found::End => break,
             Found::Bad(reason, extent) => {
@@ -611,5 +656,118 @@ mod tests {
         let p = scan_bytes(3, &data, false);
         assert_eq!(p.records.synced_to, 0);
         assert_eq!(p.damage.map(|d| d.offset), Some(ends[1]));
+    }
+
+    /// A recycled segment: `records` written over the file of segment `old` (its records and
+    /// a marker), with the terminator after them, as the engine leaves it.
+    fn recycled(id: u64, records: &[Vec<u8>], old: u64) -> (Vec<u8>, u64) {
+        // Other records than this segment's (as a reused file holds: another workload's).
+        let mut stale = encode_header(old).to_vec();
+        for i in 0..12u64 {
+            let mut b = BodyBuilder::default();
+            b.append(2, i + 7, [vec![0xA0 + i as u8; 45]], &mut Vec::new())
+                .unwrap();
+            let mut rec = b.encode(usize::MAX);
+            seal_record(&mut rec, old);
+            stale.extend_from_slice(&rec);
+        }
+        stale.extend_from_slice(&encode_sync_marker(old, marker(40)));
+        let mut data =
+            crate::segment::encode_header_flags(id, crate::segment::FLAG_RECYCLED).to_vec();
+        for r in records {
+            data.extend_from_slice(r);
+        }
+        let end = data.len() as u64;
+        data.extend_from_slice(&[0; crate::segment::TERMINATOR_LEN as usize]);
+        if stale.len() > data.len() {
+            data.extend_from_slice(&stale[data.len()..]);
+        }
+        (data, end)
+    }
+
+    fn records_of(id: u64, n: u64) -> Vec<Vec<u8>> {
+        let (data, ends) = segment_with_records(id, n);
+        let mut at = SEGMENT_HEADER_LEN as usize;
+        ends.iter()
+            .map(|&e| {
+                let r = data[at..e as usize].to_vec();
+                at = e as usize;
+                r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_recycled_segment_ends_at_its_terminator_whatever_follows() {
+        let recs = records_of(9, 3);
+        let (data, end) = recycled(9, &recs, 4);
+        // Stale records of segment 4 follow the terminator: not damage, in any mode.
+        assert!(data[end as usize + 16..].iter().any(|&b| b != 0));
+        for any in [false, true] {
+            let p = scan_bytes(9, &data, any);
+            assert!(p.recycled);
+            assert_eq!((p.valid_end, p.records.recs.len()), (end, 3));
+            assert!(p.damage.is_none() && p.skipped.is_empty(), "{p:?}");
+        }
+        // No record yet: the end is right after the header.
+        let (empty, empty_end) = recycled(9, &[], 4);
+        let p = scan_bytes(9, &empty, false);
+        assert_eq!(
+            (p.valid_end, empty_end),
+            (SEGMENT_HEADER_LEN, SEGMENT_HEADER_LEN)
+        );
+        assert!(p.damage.is_none());
+        // The same bytes without the flag: the stale bytes are damage at the end.
+        let mut plain = data.clone();
+        plain[..SEGMENT_HEADER_LEN as usize].copy_from_slice(&encode_header(9));
+        let p = scan_bytes(9, &plain, false);
+        assert_eq!(p.damage.map(|d| d.offset), Some(end));
+    }
+
+    #[test]
+    fn a_torn_write_in_a_recycled_segment_is_damage_at_the_end() {
+        let recs = records_of(9, 3);
+        let (good, _) = recycled(9, &recs[..2], 4);
+        let end2 = SEGMENT_HEADER_LEN + (recs[0].len() + recs[1].len()) as u64;
+        // The third record's write torn: a prefix of it over the old terminator, stale after.
+        let mut torn = good.clone();
+        let part = &recs[2][..recs[2].len() / 2];
+        torn[end2 as usize..end2 as usize + part.len()].copy_from_slice(part);
+        let p = scan_bytes(9, &torn, false);
+        assert_eq!((p.valid_end, p.records.recs.len()), (end2, 2));
+        assert_eq!(p.damage.map(|d| d.offset), Some(end2));
+    }
+
+    #[test]
+    fn an_intact_marker_after_a_zero_header_in_a_recycled_segment_is_damage() {
+        let recs = records_of(9, 4);
+        let mut with_marker = recs.clone();
+        let marker_at = SEGMENT_HEADER_LEN + (recs[0].len() + recs[1].len()) as u64;
+        with_marker.insert(2, encode_sync_marker(9, marker(marker_at)));
+        let (mut data, _) = recycled(9, &with_marker, 4);
+        // Records 1 and the marker's predecessor lost: zeros over record 1 (a write that never
+        // reached the disk, followed by one that did).
+        let r1 = SEGMENT_HEADER_LEN as usize + recs[0].len();
+        data[r1..r1 + recs[1].len()].fill(0);
+        let p = scan_bytes(9, &data, false);
+        assert_eq!(p.valid_end, r1 as u64);
+        assert_eq!(
+            p.damage.as_ref().map(|d| d.offset),
+            Some(r1 as u64),
+            "{p:?}"
+        );
+        // The marker's declaration counts (recovery decides corruption vs torn tail with it).
+        assert_eq!(p.records.synced_to, marker_at);
+        // TolerateAny reports the range instead.
+        let p = scan_bytes(9, &data, true);
+        assert_eq!(p.skipped.first().map(|r| r.start), Some(r1 as u64));
+        // A marker of another segment there (stale) is not one of this segment's.
+        let mut stale = recs.clone();
+        stale.insert(2, encode_sync_marker(4, marker(marker_at)));
+        let (mut data, _) = recycled(9, &stale, 4);
+        data[r1..r1 + recs[1].len()].fill(0);
+        let p = scan_bytes(9, &data, false);
+        assert!(p.damage.is_none(), "{p:?}");
+        assert_eq!(p.valid_end, r1 as u64);
     }
 }

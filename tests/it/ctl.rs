@@ -113,10 +113,28 @@ fn ctl(dir: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The end of a segment image's records: walked record by record from byte 32 to the first
+/// zero record header (a recycled segment holds stale bytes after it, so the last non-zero byte
+/// is not the end).
+fn data_end(b: &[u8]) -> usize {
+    let mut pos = 32;
+    while let Some(h) = b.get(pos..pos + 16) {
+        if h.iter().all(|&x| x == 0) {
+            break;
+        }
+        let body = u32::from_le_bytes(h[..4].try_into().unwrap()) as usize;
+        if pos + 16 + body > b.len() {
+            break;
+        }
+        pos += 16 + body;
+    }
+    pos
+}
+
 /// The last record-holding segment of an image and its size.
 fn last_data_segment(img: &Image) -> (String, usize) {
     img.iter()
-        .filter(|(n, b)| segment_id(n).is_some() && b.iter().skip(32).any(|&x| x != 0))
+        .filter(|(n, b)| segment_id(n).is_some() && data_end(b) > 32)
         .map(|(n, b)| (n.clone(), b.len()))
         .next_back()
         .unwrap()
@@ -128,7 +146,7 @@ fn inputs(clean: &Image, unclean: &Image) -> Vec<(&'static str, Image, bool)> {
     let (name, len) = last_data_segment(unclean);
     // The killed image's active segment is preallocated: cut inside its last record instead,
     // by finding the end of its data.
-    let data_end = torn[&name].iter().rposition(|&b| b != 0).unwrap() + 1;
+    let data_end = data_end(&torn[&name]);
     torn.get_mut(&name).unwrap().truncate(data_end - 7);
     assert!(data_end <= len);
     let mut corrupt = clean.clone();

@@ -16,6 +16,9 @@
 //! - `prop_recovery`: seeded proptest of the fuzz inputs: hostile images never panic or lie.
 //! - `reads`: the entry cache and the disk path race writers (seeded model), typed checksum
 //!   errors on reads, the cache budget, reads after reopen.
+//! - `recycle`: dead segments reused as new ones: reuse under churn, Strict reopen after a clean
+//!   close, a kill and power cuts with stale bytes after the data, power cuts at every I/O point
+//!   of recycling, readers racing GC, a full disk giving the pool back first.
 //! - `recovery_items`: one regression test per recovery item of issue 8 (kill then power cut, lz4 density, ...).
 //! - `raft_suite`: openraft's log-store suite, fresh engine per sub-test and 64 suites on one engine.
 //! - `raft_corruption`: single faults on a cleanly closed directory, read through the adapter.
@@ -57,4 +60,5 @@ mod raft_shared_durability;
 mod raft_suite;
 mod reads;
 mod recovery_items;
+mod recycle;
 mod simfs;
