@@ -262,11 +262,20 @@ impl Inner {
         }
     }
 
-    /// Waits, through the sync stage, until write group `seq` is durable.
+    /// Waits until write group `seq` is durable. The GC thread waits as a callback, not as a
+    /// parked writer, and leaves the fdatasync to the flusher (or a writer leading the sync
+    /// stage): a parked writer may be made sync leader, and a sync leader goes on syncing for
+    /// others as long as their callbacks keep coming, so a GC job could stall behind a busy
+    /// writer for as long as it writes.
     fn wait_written_durable(&self, seq: u64) -> Result<()> {
         let signal = Arc::new(Signal::default());
-        self.commit.register(seq, Waiter::Signal(signal.clone()));
-        self.commit.wait_durable(&signal, self)
+        let done = signal.clone();
+        self.commit.register(
+            seq,
+            Waiter::Callback(Box::new(move |r| done.update(|s| s.durable = Some(r)))),
+        );
+        self.commit.kick(false);
+        signal.wait_for(|s| s.durable.take())
     }
 
     /// Every group's metadata at the armed position `b`. Disarms.
