@@ -5,9 +5,11 @@
 //! Invariants:
 //! - `synced` only grows, and only after a `sync_data` (or a rotation's fsync) covering every
 //!   write group with a smaller or equal sequence number has returned `Ok`.
-//! - At most one thread leads syncs (`syncing`); leadership passes from thread to thread only
-//!   through this module's state, never by spinning. When it ends, no waiter is left waiting
-//!   beyond `synced` without a thread (a writer told to lead, or the flusher) on its way.
+//! - At most one thread leads syncs (`syncing`). A synced writer that finds the stage idle
+//!   leads one round itself (no wakeup between its write and its fdatasync); if waiters remain,
+//!   it hands the stage to the flusher, which loops while waiters keep coming (no wakeup
+//!   between rounds). Handovers go through this module's state, never by spinning; when the
+//!   stage goes idle, no waiter is left beyond `synced`.
 //! - A waiter completes exactly once: with `Ok` once `synced >= seq`, or with the poison error.
 //!   Once poisoned, nothing more is acknowledged, even what an in-flight fsync covered.
 //! - No lock of this module is held while a callback runs or while a file is synced. A callback
@@ -42,8 +44,6 @@ pub(crate) struct SigState {
     pub(crate) durable: Option<Result<()>>,
     /// This writer now leads the write stage (takes the queue and writes it).
     pub(crate) lead_write: bool,
-    /// This writer now leads the sync stage.
-    pub(crate) lead_sync: bool,
 }
 
 impl Signal {
@@ -102,10 +102,9 @@ struct State {
     /// though nobody waits, so that the fdatasync at the next rotation (on a writer's thread)
     /// finds little left to write.
     want_sync: bool,
-    /// The parked writer the sync stage was handed to (while `syncing`). Set, together with its
-    /// `lead_sync` flag, under this state's lock; a writer completing for another reason checks
-    /// it under the same lock, so a handover is never lost.
-    heir: Option<Arc<Signal>>,
+    /// A writer that led a sync round handed the stage to the flusher (`syncing` stays set;
+    /// the flusher takes over under this lock, so the handover is never lost).
+    flusher_heir: bool,
 }
 
 impl State {
@@ -314,12 +313,11 @@ impl Commit {
 
     /// Leads the sync stage (the caller set `syncing` through [`Commit::kick`] or was handed
     /// leadership): fsyncs until no waiter is left beyond `synced`, or, if `hand_over`, hands
-    /// leadership to another parked writer after the first round so the caller can return.
+    /// leadership to the flusher after the first round so the caller (a writer) can return.
     /// Only the flusher passes `background`: it also runs the rounds nobody waits for
     /// (`State::want_sync`); a writer leaving them undone wakes the flusher for them.
     pub(crate) fn lead_syncs(&self, syncer: &dyn Syncer, hand_over: bool, background: bool) {
         let mut guard = SyncingGuard(self, true);
-        self.state.lock().heir = None;
         loop {
             let mut st = self.state.lock();
             if let Some(reason) = st.poisoned.clone() {
@@ -382,22 +380,13 @@ impl Commit {
                     Vec::new()
                 }
             };
-            // Hand the stage to a parked writer that still waits, so this one can return.
-            let heir = if hand_over && st.poisoned.is_none() && st.pending() {
-                st.waiters.iter().rev().find_map(|(s, w)| match w {
-                    Waiter::Signal(sig) if *s > st.synced => Some(sig.clone()),
-                    _ => None,
-                })
-            } else {
-                None
-            };
-            if let Some(h) = &heir {
+            // Hand the stage to the flusher, so this writer can return: the flusher then loops
+            // for as long as waiters keep coming, with no wakeup between rounds.
+            let heir = hand_over && st.poisoned.is_none() && st.pending();
+            if heir {
                 guard.1 = false;
-                h.update(|s| s.lead_sync = true);
-                st.heir = Some(h.clone());
-                if st.want_sync {
-                    self.flusher_cv.notify_all();
-                }
+                st.flusher_heir = true;
+                self.flusher_cv.notify_all();
             }
             drop(st);
             for w in ready {
@@ -406,56 +395,20 @@ impl Commit {
             for (w, context) in short_of {
                 w.complete(Err(Error::NoSpace { context }));
             }
-            if heir.is_some() {
+            if heir {
                 return;
             }
         }
     }
 
     /// Waits (parked on `signal`) until the write group `signal` was registered for is
-    /// durable, leading the sync stage when asked to.
+    /// durable. If nobody leads the sync stage, this writer leads one round (no wakeup between
+    /// its write and the fdatasync when the engine is idle) and hands the stage to the flusher.
     pub(crate) fn wait_durable(&self, signal: &Signal, syncer: &dyn Syncer) -> Result<()> {
         if self.kick(true) {
             self.lead_syncs(syncer, true, false);
         }
-        loop {
-            enum Next {
-                Done(Result<()>),
-                Lead,
-            }
-            let next = signal.wait_for(|st| {
-                if let Some(r) = st.durable.take() {
-                    return Some(Next::Done(r));
-                }
-                if std::mem::take(&mut st.lead_sync) {
-                    return Some(Next::Lead);
-                }
-                None
-            });
-            match next {
-                Next::Done(r) => {
-                    // The sync stage may have been handed to us just before our own group was
-                    // found durable elsewhere (a rotation's fsync): lead it on, or it is lost.
-                    let heir = {
-                        let mut st = self.state.lock();
-                        let mine = st
-                            .heir
-                            .as_ref()
-                            .is_some_and(|h| std::ptr::eq(Arc::as_ptr(h), signal));
-                        if mine {
-                            st.heir = None;
-                        }
-                        mine
-                    };
-                    if heir {
-                        signal.st.lock().lead_sync = false;
-                        self.lead_syncs(syncer, false, false);
-                    }
-                    return r;
-                }
-                Next::Lead => self.lead_syncs(syncer, true, false),
-            }
-        }
+        signal.wait_for(|st| st.durable.take())
     }
 
     /// The flusher's loop: fires callbacks found durable elsewhere, and leads the sync stage
@@ -465,7 +418,7 @@ impl Commit {
         loop {
             let mut st = self.state.lock();
             loop {
-                if !st.ready_callbacks.is_empty() {
+                if !st.ready_callbacks.is_empty() || st.flusher_heir {
                     break;
                 }
                 if st.needs_leader() {
@@ -478,7 +431,8 @@ impl Commit {
             }
             let callbacks = std::mem::take(&mut st.ready_callbacks);
             let poisoned = st.poisoned.clone();
-            let lead = st.needs_leader();
+            // Handed the stage (still `syncing`), or taking it up.
+            let lead = std::mem::take(&mut st.flusher_heir) || st.needs_leader();
             if lead {
                 st.syncing = true;
             }

@@ -343,7 +343,7 @@ impl Inner {
             if let Some(w) = st.written.take() {
                 return Some(Event::Written(w));
             }
-            (st.durable.is_some() || st.lead_sync).then_some(Event::Durability)
+            st.durable.is_some().then_some(Event::Durability)
         });
         match event {
             Event::Lead => self.lead(&req),
