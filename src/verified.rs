@@ -8,9 +8,10 @@
 //! hashing to the same slot replaces it (the table forgets, it never grows).
 //!
 //! Invariants:
-//! - Only an uncompressed record of a *sealed* segment, read through its memory mapping and
-//!   found intact (header and CRC), is ever inserted: its stored body is its raw body, so an
-//!   entry is the bytes at `offset + RECORD_HEADER_LEN + span.off` of the segment.
+//! - Only an uncompressed record of a *sealed* segment read with `mmap_reads` on (from its
+//!   mapping, or by `pread` where the file could not be mapped) and found intact (header and
+//!   CRC) is ever inserted: its stored body is its raw body, so an entry is the bytes at
+//!   `offset + RECORD_HEADER_LEN + span.off` of the segment.
 //! - A sealed segment's bytes never change while the engine holds it (rotation cut and synced
 //!   it; nothing in the engine writes below the active segment) and segment ids are never
 //!   reused, so a position that was verified names the same intact bytes for the engine's
