@@ -485,6 +485,8 @@ fn unsynced_bytes_past_the_threshold_are_synced_in_the_background() {
 #[derive(Debug, Default)]
 struct ThreadLog {
     calls: Mutex<Vec<(String, &'static str)>>,
+    /// fdatasyncs: (thread, file name).
+    syncs: Mutex<Vec<(String, String)>>,
 }
 
 #[derive(Debug)]
@@ -497,6 +499,7 @@ struct ThreadLogFs {
 struct ThreadLogFile {
     inner: Arc<dyn FsFile>,
     log: Arc<ThreadLog>,
+    name: String,
 }
 
 impl ThreadLog {
@@ -516,6 +519,12 @@ impl FsFile for ThreadLogFile {
     }
     fn sync_data(&self) -> io::Result<()> {
         self.log.note("fdatasync");
+        let thread = std::thread::current().name().unwrap_or("").to_string();
+        self.log
+            .syncs
+            .lock()
+            .unwrap()
+            .push((thread, self.name.clone()));
         self.inner.sync_data()
     }
     fn allocate(&self, len: u64) -> io::Result<()> {
@@ -539,12 +548,14 @@ impl FileSystem for ThreadLogFs {
         Ok(Arc::new(ThreadLogFile {
             inner: self.inner.create(path)?,
             log: self.log.clone(),
+            name: file_name(path),
         }))
     }
     fn open(&self, path: &Path) -> io::Result<Arc<dyn FsFile>> {
         Ok(Arc::new(ThreadLogFile {
             inner: self.inner.open(path)?,
             log: self.log.clone(),
+            name: file_name(path),
         }))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -620,5 +631,61 @@ fn asynchronous_writes_make_no_file_system_call_on_the_callers_thread() {
     assert!(
         calls.iter().any(|(_, w)| *w == "fdatasync"),
         "the callbacks were completed by an fdatasync on another thread"
+    );
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The GC thread never fdatasyncs the log for writers: waiting for the durability of the
+/// position its checkpoint covers (here an unsynced write just before `gc()`), it leaves that
+/// fdatasync to the flusher. (As a parked writer it could be made sync leader, and a busy writer
+/// then kept it syncing instead of collecting.) Its own fsyncs are of the checkpoint only.
+#[test]
+fn the_gc_thread_never_fdatasyncs_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(ThreadLog::default());
+    let opts = Options::default()
+        .segment_size(16 << 10)
+        .prefill_segments(false)
+        .recycle_segments(0)
+        .auto_gc(false)
+        .file_system(Arc::new(ThreadLogFs {
+            inner: StdFs,
+            log: log.clone(),
+        }));
+    let engine = Engine::open(dir.path(), opts).unwrap();
+    for round in 0..3u64 {
+        // Several segments of group 1, all but the last entry purged: dead segments.
+        let first = round * 100 + 1;
+        for i in 0..100u64 {
+            let mut b = WriteBatch::new();
+            b.append(1, first + i, [vec![round as u8; 1000]]);
+            engine.write_unsynced(b).unwrap();
+        }
+        let mut b = WriteBatch::new();
+        b.purge_to(1, first + 98);
+        engine.write_unsynced(b).unwrap();
+        // Unsynced when GC arms its job: the checkpoint's position waits for an fdatasync.
+        let r = engine.gc().unwrap();
+        assert!(!r.deleted_segments.is_empty(), "{r:?}");
+    }
+    let syncs = log.syncs.lock().unwrap().clone();
+    let by_gc: Vec<_> = syncs
+        .iter()
+        .filter(|(t, f)| t == "mrwal-gc" && f.contains(".wal"))
+        .collect();
+    assert!(
+        by_gc.is_empty(),
+        "segment fdatasyncs on the GC thread: {by_gc:?}"
+    );
+    assert!(
+        syncs
+            .iter()
+            .any(|(t, f)| t == "mrwal-flusher" && f.contains(".wal")),
+        "the flusher synced the log for GC: {syncs:?}"
     );
 }
