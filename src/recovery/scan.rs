@@ -77,6 +77,17 @@ pub(super) struct ScanParts {
     pub(super) recycled: bool,
 }
 
+impl ScanParts {
+    /// Records damage at `offset`, taking in what the intact sync markers after it declare
+    /// (`later`, from [`markers_after`]): they can prove the damaged bytes durable.
+    fn damaged_at(&mut self, offset: u64, reason: String, later: &SyncMarker) {
+        let r = &mut self.records;
+        r.synced_to = r.synced_to.max(later.synced_to);
+        r.prev_sealed_len = r.prev_sealed_len.max(later.prev_sealed_len);
+        self.damage = Some(Damage { offset, reason });
+    }
+}
+
 /// One scanned segment file.
 #[derive(Debug)]
 pub(super) struct SegmentScan {
@@ -404,13 +415,7 @@ pub(super) fn scan_source<S: Source>(
                             reason,
                         });
                     } else {
-                        let r = &mut parts.records;
-                        r.synced_to = r.synced_to.max(later.synced_to);
-                        r.prev_sealed_len = r.prev_sealed_len.max(later.prev_sealed_len);
-                        parts.damage = Some(Damage {
-                            offset: pos,
-                            reason,
-                        });
+                        parts.damaged_at(pos, reason, &later);
                     }
                 }
                 break;
@@ -419,13 +424,7 @@ pub(super) fn scan_source<S: Source>(
             Found::Bad(reason, extent) => {
                 if !tolerate_any {
                     let later = markers_after(id, pos, &mut win)?;
-                    let r = &mut parts.records;
-                    r.synced_to = r.synced_to.max(later.synced_to);
-                    r.prev_sealed_len = r.prev_sealed_len.max(later.prev_sealed_len);
-                    parts.damage = Some(Damage {
-                        offset: pos,
-                        reason,
-                    });
+                    parts.damaged_at(pos, reason, &later);
                     return Ok(parts);
                 }
                 let end = extent.map_or(len, |e| pos + e);

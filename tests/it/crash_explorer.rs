@@ -855,6 +855,28 @@ pub fn explore_script(
     }
 }
 
+/// Explores `script` with and without zero-fill (seeds `seed` and `seed + 1`), prints the tally
+/// under `label`, and asserts no failure and more than `min_points` crash points.
+pub fn explore_both_prefills(label: &str, seed: u64, script: &Script, min_points: u64) {
+    let mut tally = Tally::default();
+    for prefill in [false, true] {
+        explore_script(seed + u64::from(prefill), script, prefill, None, &mut tally);
+    }
+    println!(
+        "{label} crash explorer: {} crash points, {} recoveries, {} failures",
+        tally.crash_points,
+        tally.recoveries,
+        tally.failures.len()
+    );
+    print_failures(&tally.failures);
+    assert!(tally.failures.is_empty(), "{}", tally.failures[0]);
+    assert!(
+        tally.crash_points > min_points,
+        "{} crash points",
+        tally.crash_points
+    );
+}
+
 /// Prints failures grouped by kind (digits masked), with the first reproducer of each kind.
 pub fn print_failures(failures: &[String]) {
     let mut kinds: BTreeMap<String, (usize, &String)> = BTreeMap::new();

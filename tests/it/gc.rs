@@ -10,9 +10,7 @@ use std::sync::Arc;
 
 use multiraft_wal::{Engine, Error, Options, WriteBatch};
 
-use crate::crash_explorer::{
-    explore_script, print_failures, sim_options, MOp, Mode, ModelState, Script, Step, Tally, DIR,
-};
+use crate::crash_explorer::{sim_options, MOp, Mode, ModelState, Script, Step, DIR};
 use crate::simfs::SimFs;
 
 fn sim(fs: &SimFs, segment: u64) -> Options {
@@ -503,27 +501,5 @@ fn gc_crash_at_every_io_point_of_rewrites_and_mid_segment_checkpoints() {
     drop(e);
     assert!(rewrites >= 2, "the workload rewrote {rewrites} groups");
     assert!(mid_segment >= 2, "{mid_segment} mid-segment checkpoints");
-    let mut tally = Tally::default();
-    for prefill in [false, true] {
-        explore_script(
-            0x6c00 + u64::from(prefill),
-            &script,
-            prefill,
-            None,
-            &mut tally,
-        );
-    }
-    println!(
-        "gc crash explorer: {} crash points, {} recoveries, {} failures",
-        tally.crash_points,
-        tally.recoveries,
-        tally.failures.len()
-    );
-    print_failures(&tally.failures);
-    assert!(tally.failures.is_empty(), "{}", tally.failures[0]);
-    assert!(
-        tally.crash_points > 100,
-        "{} crash points",
-        tally.crash_points
-    );
+    crate::crash_explorer::explore_both_prefills("gc", 0x6c00, &script, 100);
 }

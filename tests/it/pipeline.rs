@@ -481,12 +481,11 @@ fn unsynced_bytes_past_the_threshold_are_synced_in_the_background() {
     assert!(durable(&shared, &during));
 }
 
-/// A file system that records which thread makes each write and fsync.
+/// A file system that records which thread makes each mutating call: (thread, call, file name
+/// as it was opened or created).
 #[derive(Debug, Default)]
 struct ThreadLog {
-    calls: Mutex<Vec<(String, &'static str)>>,
-    /// fdatasyncs: (thread, file name).
-    syncs: Mutex<Vec<(String, String)>>,
+    calls: Mutex<Vec<(String, &'static str, String)>>,
 }
 
 #[derive(Debug)]
@@ -503,9 +502,12 @@ struct ThreadLogFile {
 }
 
 impl ThreadLog {
-    fn note(&self, what: &'static str) {
-        let name = std::thread::current().name().unwrap_or("").to_string();
-        self.calls.lock().unwrap().push((name, what));
+    fn note(&self, what: &'static str, file: &str) {
+        let thread = std::thread::current().name().unwrap_or("").to_string();
+        self.calls
+            .lock()
+            .unwrap()
+            .push((thread, what, file.to_string()));
     }
 }
 
@@ -514,25 +516,19 @@ impl FsFile for ThreadLogFile {
         self.inner.read_exact_at(buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.log.note("write");
+        self.log.note("write", &self.name);
         self.inner.write_all_at(buf, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
-        self.log.note("fdatasync");
-        let thread = std::thread::current().name().unwrap_or("").to_string();
-        self.log
-            .syncs
-            .lock()
-            .unwrap()
-            .push((thread, self.name.clone()));
+        self.log.note("fdatasync", &self.name);
         self.inner.sync_data()
     }
     fn allocate(&self, len: u64) -> io::Result<()> {
-        self.log.note("allocate");
+        self.log.note("allocate", &self.name);
         self.inner.allocate(len)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.log.note("set_len");
+        self.log.note("set_len", &self.name);
         self.inner.set_len(len)
     }
     fn len(&self) -> io::Result<u64> {
@@ -559,18 +555,18 @@ impl FileSystem for ThreadLogFs {
         }))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.log.note("rename");
+        self.log.note("rename", &file_name(from));
         self.inner.rename(from, to)
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
-        self.log.note("remove");
+        self.log.note("remove", &file_name(path));
         self.inner.remove(path)
     }
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         self.inner.list(dir)
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        self.log.note("sync_dir");
+        self.log.note("sync_dir", &file_name(dir));
         self.inner.sync_dir(dir)
     }
     fn lock(&self, path: &Path) -> io::Result<Box<dyn DirLock>> {
@@ -623,13 +619,16 @@ fn asynchronous_writes_make_no_file_system_call_on_the_callers_thread() {
         assert!(r.is_ok(), "{r:?}");
     }
     let calls = log.calls.lock().unwrap().clone();
-    let on_caller: Vec<_> = calls.iter().filter(|(t, _)| t == "async-caller").collect();
+    let on_caller: Vec<_> = calls
+        .iter()
+        .filter(|(t, _, _)| t == "async-caller")
+        .collect();
     assert!(
         on_caller.is_empty(),
         "file system calls on the caller's thread: {on_caller:?}"
     );
     assert!(
-        calls.iter().any(|(_, w)| *w == "fdatasync"),
+        calls.iter().any(|(_, w, _)| *w == "fdatasync"),
         "the callbacks were completed by an fdatasync on another thread"
     );
 }
@@ -673,19 +672,21 @@ fn the_gc_thread_never_fdatasyncs_the_log() {
         let r = engine.gc().unwrap();
         assert!(!r.deleted_segments.is_empty(), "{r:?}");
     }
-    let syncs = log.syncs.lock().unwrap().clone();
-    let by_gc: Vec<_> = syncs
-        .iter()
-        .filter(|(t, f)| t == "mrwal-gc" && f.contains(".wal"))
-        .collect();
-    assert!(
-        by_gc.is_empty(),
-        "segment fdatasyncs on the GC thread: {by_gc:?}"
+    let calls = log.calls.lock().unwrap().clone();
+    // Segment files are named `<id>.wal` (`.wal.tmp` when they were created).
+    let segment_syncs = |thread: &str| {
+        calls
+            .iter()
+            .filter(|(t, w, f)| t == thread && *w == "fdatasync" && f.contains(".wal"))
+            .count()
+    };
+    assert_eq!(
+        segment_syncs("mrwal-gc"),
+        0,
+        "segment fdatasyncs on the GC thread: {calls:?}"
     );
     assert!(
-        syncs
-            .iter()
-            .any(|(t, f)| t == "mrwal-flusher" && f.contains(".wal")),
-        "the flusher synced the log for GC: {syncs:?}"
+        segment_syncs("mrwal-flusher") > 0,
+        "the flusher synced the log for GC: {calls:?}"
     );
 }

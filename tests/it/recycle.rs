@@ -17,9 +17,7 @@ use multiraft_wal::{Engine, Error, Options, RecoveryMode, WriteBatch};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::crash_explorer::{
-    explore_script, print_failures, sim_options, MOp, Mode, ModelState, Script, Step, Tally, DIR,
-};
+use crate::crash_explorer::{sim_options, MOp, Mode, ModelState, Script, Step, DIR};
 use crate::simfs::{CrashVariant, SimFs};
 
 /// Entries of group `g` at index `i`: deterministic, incompressible, naming their place.
@@ -326,29 +324,7 @@ fn recycle_crash_at_every_io_point_of_a_workload_through_recycled_segments() {
         println!("prefill {prefill}: {stats:?}");
         assert!(stats.recycled_segments >= 3, "{stats:?}");
     }
-    let mut tally = Tally::default();
-    for prefill in [false, true] {
-        explore_script(
-            0x7ec0 + u64::from(prefill),
-            &script,
-            prefill,
-            None,
-            &mut tally,
-        );
-    }
-    println!(
-        "recycle crash explorer: {} crash points, {} recoveries, {} failures",
-        tally.crash_points,
-        tally.recoveries,
-        tally.failures.len()
-    );
-    print_failures(&tally.failures);
-    assert!(tally.failures.is_empty(), "{}", tally.failures[0]);
-    assert!(
-        tally.crash_points > 200,
-        "{} crash points",
-        tally.crash_points
-    );
+    crate::crash_explorer::explore_both_prefills("recycle", 0x7ec0, &script, 200);
 }
 
 /// Readers race purges and GC that recycle the segments they read: every read returns the
