@@ -609,6 +609,7 @@ impl Engine {
                 flushed_seq: 0,
                 next: None,
                 prefilled,
+                limit: options.segment_size,
                 syncs_in_segment: 0,
                 reserved,
                 scratch: Default::default(),

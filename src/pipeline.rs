@@ -25,9 +25,14 @@
 //! - Disk space is reserved as the workload needs it: a segment starts with a small reservation
 //!   (1 MiB, or the segment size if smaller) that grows in steps (its current size, 1 to 16 MiB)
 //!   as records reach it, and the next segment is prepared only once the active one is half
-//!   full, or, zero-filled, as soon as the active segment has seen 16 fsyncs (a synced
-//!   workload holds two segments, as before). An idle engine holds 2 MiB (with the freeing
-//!   reserve), not two whole segments.
+//!   full. An idle engine holds 2 MiB (with the freeing reserve), not two whole segments.
+//! - Zero-filling grows with the workload: it starts only once the active segment serves a
+//!   synced workload that it pays for (16 fdatasyncs for waiters, covering at most
+//!   [`PREFILL_MAX_BYTES_PER_SYNC`] each on average: each zero byte is written twice, and what
+//!   it saves is a metadata journal commit per fdatasync). The first zero-filled segment is
+//!   [`PREFILL_FIRST`] long, each next one twice as long as the one before, up to the segment
+//!   size: a segment's data limit (`LogWriter::limit`) is what was zero-filled for it, so a
+//!   workload that writes a few MiB zero-fills a few MiB, not whole segments.
 //! - On a full disk a batch that only frees space (purge, truncate, remove group) can still be
 //!   written: every segment keeps a *freeing reserve* (a quarter of the segment size, 4 KiB to
 //!   1 MiB) beyond what other batches may use, and such a batch may also go past the segment
@@ -65,6 +70,17 @@ const FLUSH_AT: usize = 64 << 10;
 /// fsyncs a segment must see before the engine zero-fills segments ahead: a bulk load that
 /// syncs once at its end is not a synced workload.
 const PREFILL_AFTER_SYNCS: u32 = 16;
+
+/// Zero-filling pays when fdatasyncs cover few bytes each: it writes every byte of the segment
+/// twice (a sequential write in the background) to save one metadata journal commit per
+/// fdatasync (≈ 100 µs on the test machine, about what 128 KiB of sequential writing costs).
+/// Above this average of bytes per fdatasync (for waiters, in the active segment), segments
+/// are not zero-filled.
+pub(crate) const PREFILL_MAX_BYTES_PER_SYNC: u64 = 64 << 10;
+
+/// The data limit of the first zero-filled segment; each next one doubles it, up to the
+/// segment size.
+pub(crate) const PREFILL_FIRST: u64 = 8 << 20;
 
 /// A segment's first reservation (or the segment size, if smaller) and the bounds of the steps
 /// it grows by.
@@ -142,14 +158,47 @@ pub(crate) struct Prepared {
     pub(crate) written_to: u64,
     /// Made from a pool file: stale bytes of older segments may follow its data.
     pub(crate) recycled: bool,
+    /// Where records stop and the next segment begins: the segment size, or, for a segment
+    /// zero-filled for fewer bytes (see the module's invariants), what was zero-filled for it.
+    pub(crate) limit: u64,
+}
+
+impl Prepared {
+    /// A segment written (header, zeros or a pool file's old bytes) up to `written_to`;
+    /// `want` is the data limit it was zero-filled for (`None`: not zero-filled).
+    fn new(
+        file: Arc<dyn FsFile>,
+        written_to: u64,
+        recycled: bool,
+        want: Option<u64>,
+        segment_size: u64,
+    ) -> Prepared {
+        let reserve = freeing_reserve(segment_size);
+        let (prefilled, limit) = match want {
+            _ if written_to >= segment_size + reserve => (true, segment_size),
+            Some(want) if written_to >= want + reserve => {
+                // A pool file may be written further than asked: all of it serves.
+                (true, (written_to - reserve).clamp(want, segment_size))
+            }
+            // Not zero-filled (or cancelled part way): reserved as records need it.
+            _ => (false, segment_size),
+        };
+        Prepared {
+            file,
+            prefilled,
+            written_to,
+            recycled,
+            limit,
+        }
+    }
 }
 
 /// The next segment, being created (and possibly zero-filled) in the background.
 pub(crate) struct Preparing {
     id: u64,
     handle: JoinHandle<Result<Prepared>>,
-    /// Whether it will be zero-filled.
-    prefill: bool,
+    /// The data limit it is being zero-filled for (`None`: it is not).
+    prefill: Option<u64>,
     /// Stops a zero-fill between chunks (a rotation does not wait for it).
     cancel: Arc<AtomicBool>,
 }
@@ -167,6 +216,8 @@ pub(crate) struct LogWriter {
     pub(crate) next: Option<Preparing>,
     /// Whether the active segment was zero-filled ahead (fdatasync into it is cheaper).
     pub(crate) prefilled: bool,
+    /// Where the active segment's records stop (see [`Prepared::limit`]).
+    pub(crate) limit: u64,
     /// fsyncs for durable writes into the active segment (a synced workload makes many).
     pub(crate) syncs_in_segment: u32,
     /// Bytes of the active segment's file reserved (its length: data, then reserved zeros).
@@ -477,12 +528,12 @@ impl Inner {
             let frees = m.batch.only_frees();
             // Every write ends with a terminator: room for it counts.
             let full = log.offset > SEGMENT_HEADER_LEN
-                && log.offset + len + TERMINATOR_LEN > self.opts.segment_size;
+                && log.offset + len + TERMINATOR_LEN > log.limit;
             let upgrade = !log.prefilled
                 && log
                     .next
                     .as_ref()
-                    .is_some_and(|n| n.prefill && n.handle.is_finished());
+                    .is_some_and(|n| n.prefill.is_some() && n.handle.is_finished());
             if full || upgrade {
                 // The members placed so far go to the index first, so that the run counts the
                 // rotation reads for GC include them.
@@ -551,10 +602,10 @@ impl Inner {
             log.offset += len;
         }
         // The next segment is prepared once this one is half full (zero-filled if this one
-        // serves durable writes).
-        if log.next.is_none() && log.offset >= self.opts.segment_size / 2 {
+        // serves a synced workload that zero-filling pays for).
+        if log.next.is_none() && log.offset >= log.limit / 2 {
             log.await_pool = false;
-            let prefill = self.opts.prefill_segments && log.syncs_in_segment >= PREFILL_AFTER_SYNCS;
+            let prefill = self.wants_prefill(&log).then(|| self.next_prefill_limit(&log));
             log.next = Some(self.prepare(log.segment + 1, prefill));
         }
         // Synced writes go to the file now (so a full disk refuses them, before anything is
@@ -813,32 +864,28 @@ impl Inner {
         }
     }
 
-    /// Starts preparing segment `id` in the background, zero-filled (whole) or with its first
-    /// reservation; from a pool file when the recycling pool holds one.
-    pub(crate) fn prepare(&self, id: u64, prefill: bool) -> Preparing {
+    /// Starts preparing segment `id` in the background: zero-filled for `prefill` bytes of
+    /// records (a data limit, see [`Prepared::limit`]) or with its first reservation; from a
+    /// pool file when the recycling pool holds one.
+    pub(crate) fn prepare(&self, id: u64, prefill: Option<u64>) -> Preparing {
         let fs = self.fs.clone();
         let dir = self.dir.clone();
-        let full = self.opts.segment_size + self.freeing_reserve();
-        let size = if prefill {
-            full
-        } else {
-            first_reservation(self.opts.segment_size)
+        let segment_size = self.opts.segment_size;
+        let size = match prefill {
+            Some(limit) => limit + self.freeing_reserve(),
+            None => first_reservation(segment_size),
         };
         let pooled = self.pool.take();
         let recycled = self.pool.recycled.clone();
         let cancel = Arc::new(AtomicBool::new(false));
         let stop = cancel.clone();
+        let zero = prefill.is_some();
         let handle = std::thread::spawn(move || {
             if let Some(pool_id) = pooled {
-                match recycle_segment(fs.as_ref(), &dir, pool_id, id, size, prefill, &stop) {
+                match recycle_segment(fs.as_ref(), &dir, pool_id, id, size, zero, &stop) {
                     Ok((file, written_to)) => {
                         Pool::count_recycled(&recycled);
-                        return Ok(Prepared {
-                            file,
-                            prefilled: written_to >= full,
-                            written_to,
-                            recycled: true,
-                        });
+                        return Ok(Prepared::new(file, written_to, true, prefill, segment_size));
                     }
                     Err(e) => {
                         tracing::warn!(segment = id, error = %e, "recycling a pool file failed");
@@ -846,17 +893,12 @@ impl Inner {
                 }
             }
             let file = create_segment(fs.as_ref(), &dir, id, size)?;
-            let written_to = if prefill {
+            let written_to = if zero {
                 zero_fill(file.as_ref(), id, SEGMENT_HEADER_LEN, size, &stop)?
             } else {
                 SEGMENT_HEADER_LEN
             };
-            Ok(Prepared {
-                file,
-                prefilled: written_to >= full,
-                written_to,
-                recycled: false,
-            })
+            Ok(Prepared::new(file, written_to, false, prefill, segment_size))
         });
         Preparing {
             id,
@@ -868,20 +910,44 @@ impl Inner {
 
     /// A segment that was already prepared (an empty segment found at open).
     pub(crate) fn prepared(&self, id: u64, file: Arc<dyn FsFile>) -> Preparing {
+        let segment_size = self.opts.segment_size;
         Preparing {
             id,
             handle: std::thread::spawn(move || {
                 let recycled = crate::segment::is_recycled(file.as_ref());
-                Ok(Prepared {
+                Ok(Prepared::new(
                     file,
-                    prefilled: false,
-                    written_to: SEGMENT_HEADER_LEN,
+                    SEGMENT_HEADER_LEN,
                     recycled,
-                })
+                    None,
+                    segment_size,
+                ))
             }),
-            prefill: false,
+            prefill: None,
             cancel: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Whether the active segment serves a synced workload that zero-filling pays for: at
+    /// least [`PREFILL_AFTER_SYNCS`] fdatasyncs for waiters, covering on average at most
+    /// [`PREFILL_MAX_BYTES_PER_SYNC`] each.
+    fn wants_prefill(&self, log: &LogWriter) -> bool {
+        let syncs = u64::from(log.syncs_in_segment);
+        self.opts.prefill_segments
+            && log.syncs_in_segment >= PREFILL_AFTER_SYNCS
+            && log.offset.saturating_sub(SEGMENT_HEADER_LEN) / syncs.max(1)
+                <= PREFILL_MAX_BYTES_PER_SYNC
+    }
+
+    /// The data limit of the next zero-filled segment: twice the active one's if that one is
+    /// zero-filled, [`PREFILL_FIRST`] otherwise; at most the segment size.
+    fn next_prefill_limit(&self, log: &LogWriter) -> u64 {
+        let limit = if log.prefilled {
+            log.limit.saturating_mul(2)
+        } else {
+            PREFILL_FIRST
+        };
+        limit.min(self.opts.segment_size)
     }
 
     /// Called by a sync leader with the log lock: the active segment serves durable writes.
@@ -890,28 +956,29 @@ impl Inner {
     /// moves to it as soon as that is done (see `write_group`).
     fn note_sync(&self, log: &mut LogWriter) {
         log.syncs_in_segment = log.syncs_in_segment.saturating_add(1);
-        if !self.opts.prefill_segments
-            || log.prefilled
-            || log.next.as_ref().is_some_and(|n| n.prefill)
-            || log.syncs_in_segment < PREFILL_AFTER_SYNCS
+        if log.prefilled
+            || log.next.as_ref().is_some_and(|n| n.prefill.is_some())
+            || !self.wants_prefill(log)
         {
             return;
         }
+        let limit = self.next_prefill_limit(log);
         let Some(pending) = log.next.take() else {
             // Nothing prepared yet (the segment is not half full): a synced workload wants the
             // next segment now, zero-filled, and moves to it once it is ready; unless a file
             // is on its way to the recycling pool (prepared from it at half full).
             if !log.await_pool {
-                log.next = Some(self.prepare(log.segment + 1, true));
+                log.next = Some(self.prepare(log.segment + 1, Some(limit)));
             }
             return;
         };
         let id = pending.id;
-        let size = self.opts.segment_size + self.freeing_reserve();
+        let segment_size = self.opts.segment_size;
+        let size = limit + self.freeing_reserve();
         let cancel = pending.cancel.clone();
         let stop = cancel.clone();
         let handle = std::thread::spawn(move || {
-            let mut prepared = pending.handle.join().map_err(|_| {
+            let prepared = pending.handle.join().map_err(|_| {
                 Error::io(
                     "preparing a segment",
                     std::io::Error::other("preparation thread panicked"),
@@ -922,14 +989,19 @@ impl Inner {
             }
             // Only what is not written yet (a recycled file is written up to its old length).
             let from = prepared.written_to.max(SEGMENT_HEADER_LEN);
-            prepared.written_to = zero_fill(prepared.file.as_ref(), id, from, size, &stop)?;
-            prepared.prefilled = prepared.written_to >= size;
-            Ok(prepared)
+            let written_to = zero_fill(prepared.file.as_ref(), id, from, size, &stop)?;
+            Ok(Prepared::new(
+                prepared.file,
+                written_to,
+                prepared.recycled,
+                Some(limit),
+                segment_size,
+            ))
         });
         log.next = Some(Preparing {
             id,
             handle,
-            prefill: true,
+            prefill: Some(limit),
             cancel,
         });
     }
@@ -957,23 +1029,15 @@ impl Inner {
             match recycle_segment(fs, dir, pool_id, next_id, size, false, &no_cancel) {
                 Ok((file, written_to)) => {
                     Pool::count_recycled(&self.pool.recycled);
-                    return Ok(Prepared {
-                        file,
-                        prefilled: written_to >= self.opts.segment_size + self.freeing_reserve(),
-                        written_to,
-                        recycled: true,
-                    });
+                    let size = self.opts.segment_size;
+                    return Ok(Prepared::new(file, written_to, true, None, size));
                 }
                 Err(e) => tracing::warn!(error = %e, "recycling a pool file failed"),
             }
         }
         let file = create_segment(self.fs.as_ref(), &self.dir, next_id, size)?;
-        Ok(Prepared {
-            file,
-            prefilled: false,
-            written_to: SEGMENT_HEADER_LEN,
-            recycled: false,
-        })
+        let size = self.opts.segment_size;
+        Ok(Prepared::new(file, SEGMENT_HEADER_LEN, false, None, size))
     }
 
     /// Seals the active segment (tail written out, trimmed, fsynced) and switches to the next
@@ -982,12 +1046,17 @@ impl Inner {
     pub(crate) fn rotate(&self, log: &mut LogWriter) -> Result<Option<u64>> {
         let _span = tracing::debug_span!("rotation", from = log.segment).entered();
         self.flush_tail(log, None)?;
+        // Judged on the segment being sealed (see below).
+        let synced_workload = self.wants_prefill(log);
         let next_id = log.segment + 1;
         if next_id > u64::from(u32::MAX) {
             return Err(self.fail(Error::SegmentIdsExhausted));
         }
         let Prepared {
-            file, prefilled, ..
+            file,
+            prefilled,
+            limit,
+            ..
         } = self.take_next(log, next_id)?;
         // A sealed segment ends with its last record: recovery reads no zero tail, and the space
         // reserved beyond the data goes back to the file system.
@@ -1020,20 +1089,19 @@ impl Inner {
         }
         self.flushed
             .store(pack_flushed(next_id, SEGMENT_HEADER_LEN), Ordering::Release);
-        // The segment after it: if the sealed one served durable writes, it is zero-filled now,
-        // a whole segment ahead (a zero-fill started later is often cancelled by the rotation,
-        // and a segment zero-filled whole but then left early by the upgrade rotation doubles
-        // the bytes written); otherwise it is prepared once this one is half full (see
-        // `write_group`), zero-filled only if this one serves durable writes by then. A bulk,
+        // The segment after it: if the sealed one served a synced workload that zero-filling
+        // pays for, it is zero-filled now, one segment ahead (a zero-fill started later is often
+        // cancelled by the rotation), for twice this one's limit if this one is zero-filled (see
+        // `next_prefill_limit`); otherwise it is prepared once this one is half full (see
+        // `write_group`), zero-filled only if this one serves such a workload by then. A bulk,
         // unsynced load gains nothing from zero-filling and would write every byte twice.
         //
         // With recycling, a GC armed by this rotation is about to put a dead segment's file in
         // the pool: the next segment is then prepared at half full, from that file, instead of
         // zero-filling a new one now (which would also hold one more segment on disk while the
         // pool holds the dead one).
-        let synced_workload =
-            self.opts.prefill_segments && log.syncs_in_segment >= PREFILL_AFTER_SYNCS;
         log.prefilled = prefilled;
+        log.limit = limit;
         log.syncs_in_segment = 0;
         let job = if self.opts.auto_gc {
             self.arm_gc(log)
@@ -1043,7 +1111,8 @@ impl Inner {
         log.await_pool =
             self.opts.recycle_segments > 0 && job.is_some() && self.pool.usage().0 == 0;
         if synced_workload && !log.await_pool {
-            log.next = Some(self.prepare(next_id + 1, true));
+            let limit = self.next_prefill_limit(log);
+            log.next = Some(self.prepare(next_id + 1, Some(limit)));
         }
         Ok(job)
     }

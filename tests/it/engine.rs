@@ -728,6 +728,97 @@ fn segments_are_zero_filled_only_for_synced_workloads() {
     assert_eq!(e.last_index(2), Some(100));
 }
 
+#[test]
+fn zero_filling_starts_small_and_doubles_with_the_synced_workload() {
+    // Default segment size (128 MiB): a synced workload that writes a few MiB zero-fills a few
+    // MiB, not whole segments. Before, the first zero-filled segment was a whole 128 MiB one
+    // (and the writer moved to it only once it was done), and so was the one after it.
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Arc::new(FailingSync::default());
+    let written = fs.written.clone();
+    let e = Engine::open(
+        dir.path(),
+        Options::default().prefill_segments(true).file_system(fs),
+    )
+    .unwrap();
+    let mut payload = 0usize;
+    let mut index = 0u64;
+    let mut write = |bytes: usize| {
+        index += 1;
+        let mut b = WriteBatch::new();
+        // Random bytes: compression would shrink repeated ones.
+        let mut rng = StdRng::seed_from_u64(index);
+        let entry: Vec<u8> = (0..bytes).map(|_| rng.gen::<u8>()).collect();
+        b.append(1, index, [entry]);
+        e.write(b).unwrap();
+        payload += bytes;
+    };
+    // Small synced writes: after 16 fdatasyncs the next segment is zero-filled for 8 MiB of
+    // records, and the writer moves to it once it is ready.
+    let mut n = 0;
+    while e.stats().active_segment < 2 {
+        write(4096);
+        n += 1;
+        assert!(n < 100_000, "no move to a zero-filled segment after {n} synced writes");
+    }
+    // That segment takes 8 MiB of records, then the next one (zero-filled for 16 MiB) follows.
+    let mut moved_after = 0usize;
+    while e.stats().active_segment < 3 {
+        write(32 << 10);
+        moved_after += 32 << 10;
+        assert!(
+            moved_after <= (8 << 20) + (64 << 10),
+            "the first zero-filled segment took more than 8 MiB of records"
+        );
+    }
+    assert!(
+        moved_after > 7 << 20,
+        "left after {moved_after} bytes: not an 8 MiB segment"
+    );
+    drop(e);
+    // Zeros: at most 8 MiB and 16 MiB, each with a freeing reserve (1 MiB); then headers,
+    // sync markers and terminators (well under 1 MiB for these ~2,000 writes).
+    let total = written.load(Ordering::SeqCst);
+    let bound = payload + (27 << 20);
+    assert!(
+        total <= bound,
+        "wrote {total} bytes for {payload} of payload (bound {bound})"
+    );
+}
+
+#[test]
+fn segments_are_not_zero_filled_when_fdatasyncs_cover_many_bytes() {
+    // Each fdatasync covers 256 KiB: zero-filling would write every byte twice to save one
+    // journal commit per 256 KiB, which does not pay (`PREFILL_MAX_BYTES_PER_SYNC`).
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Arc::new(FailingSync::default());
+    let written = fs.written.clone();
+    let seg = 4u64 << 20;
+    let e = Engine::open(
+        dir.path(),
+        Options::default()
+            .segment_size(seg)
+            .prefill_segments(true)
+            .file_system(fs),
+    )
+    .unwrap();
+    let payload = 64usize << 20;
+    for i in 0..(payload >> 18) as u64 {
+        let mut b = WriteBatch::new();
+        let mut rng = StdRng::seed_from_u64(i);
+        let entry: Vec<u8> = (0..256 << 10).map(|_| rng.gen::<u8>()).collect();
+        b.append(1, i + 1, [entry]);
+        e.write(b).unwrap();
+    }
+    assert!(e.stats().active_segment >= 16);
+    drop(e);
+    let total = written.load(Ordering::SeqCst);
+    assert!(
+        total < payload + payload / 20,
+        "wrote {total} bytes for {payload} of payload: zero-filled?"
+    );
+}
+
 const LOCK_CHILD_ENV: &str = "MRWAL_LOCK_CHILD_DIR";
 
 /// Child mode of `another_process_cannot_open_a_locked_directory`: try to open the directory
