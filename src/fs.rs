@@ -97,6 +97,11 @@ pub trait FsFile: Send + Sync + fmt::Debug {
     ///
     /// The OS error.
     fn len(&self) -> io::Result<u64>;
+    /// A hint: the file's cached pages will not be read again (a dead segment going into the
+    /// recycling pool), so the page cache may drop the clean ones. Rewriting the file later then
+    /// starts from small pages: cached large folios would count a small write that dirties
+    /// one as the whole folio. Does nothing by default.
+    fn drop_cache(&self) {}
 }
 
 /// A lock held on a data directory; released when dropped.
@@ -276,6 +281,14 @@ struct StdLock {
 impl DirLock for StdLock {}
 
 impl FsFile for StdFile {
+    fn drop_cache(&self) {
+        #[cfg(target_os = "linux")]
+        {
+            // Only a hint: an error changes nothing that matters.
+            let _ = rustix::fs::fadvise(&self.file, 0, None, rustix::fs::Advice::DontNeed);
+        }
+    }
+
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
     }

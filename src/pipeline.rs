@@ -527,8 +527,8 @@ impl Inner {
             let len = m.record.len() as u64;
             let frees = m.batch.only_frees();
             // Every write ends with a terminator: room for it counts.
-            let full = log.offset > SEGMENT_HEADER_LEN
-                && log.offset + len + TERMINATOR_LEN > log.limit;
+            let full =
+                log.offset > SEGMENT_HEADER_LEN && log.offset + len + TERMINATOR_LEN > log.limit;
             let upgrade = !log.prefilled
                 && log
                     .next
@@ -605,7 +605,9 @@ impl Inner {
         // serves a synced workload that zero-filling pays for).
         if log.next.is_none() && log.offset >= log.limit / 2 {
             log.await_pool = false;
-            let prefill = self.wants_prefill(&log).then(|| self.next_prefill_limit(&log));
+            let prefill = self
+                .wants_prefill(&log)
+                .then(|| self.next_prefill_limit(&log));
             log.next = Some(self.prepare(log.segment + 1, prefill));
         }
         // Synced writes go to the file now (so a full disk refuses them, before anything is
@@ -898,7 +900,13 @@ impl Inner {
             } else {
                 SEGMENT_HEADER_LEN
             };
-            Ok(Prepared::new(file, written_to, false, prefill, segment_size))
+            Ok(Prepared::new(
+                file,
+                written_to,
+                false,
+                prefill,
+                segment_size,
+            ))
         });
         Preparing {
             id,

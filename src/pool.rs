@@ -14,6 +14,10 @@
 //!   their names, and reuse rewrites their header first (`segment::recycle_segment`).
 //! - Pool files count as disk usage, and they are the first thing given back on a full disk:
 //!   before a checkpoint is retried, when a segment's reservation cannot grow, and at open.
+//! - A file entering the pool is told to drop its cached pages (`FsFile::drop_cache`): nobody
+//!   reads them again, and rewriting a file whose large cached folios survive counts every
+//!   small append as a whole folio written (W11 in docs/BENCHMARKS.md: 1.12 against 1.05
+//!   bytes written per payload byte).
 //! - Bookkeeping only here, under one mutex; the file operations run outside it.
 
 use std::collections::VecDeque;
@@ -106,11 +110,16 @@ impl Pool {
             .as_ref()
             .is_some_and(|f| Arc::strong_count(f) == 1 && f.len().is_ok());
         let len = file.as_ref().and_then(|f| f.len().ok()).unwrap_or(0);
-        drop(file);
         let room = self.files.lock().len() + pending < max;
         if unreferenced && room && fs.rename(&path, &dir.join(pool_name(id))).is_ok() {
+            // Its cached pages are dead weight (it was sealed and synced at its rotation, so
+            // they are clean), and a reuse rewrites it from small pages.
+            if let Some(f) = &file {
+                f.drop_cache();
+            }
             return Ok(Some(len));
         }
+        drop(file);
         fs.remove(&path).map(|()| None)
     }
 
@@ -207,5 +216,64 @@ mod tests {
             "pool 2 was already deleted by load"
         );
         assert_eq!(pool.usage(), (0, 0));
+    }
+
+    /// Records `drop_cache` calls on a real file.
+    #[derive(Debug)]
+    struct Hinted {
+        inner: Arc<dyn FsFile>,
+        dropped: Arc<AtomicU64>,
+    }
+
+    impl FsFile for Hinted {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.inner.read_exact_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.inner.write_all_at(buf, offset)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.inner.sync_data()
+        }
+        fn allocate(&self, len: u64) -> std::io::Result<()> {
+            self.inner.allocate(len)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn drop_cache(&self) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.inner.drop_cache();
+        }
+    }
+
+    /// A file entering the pool has its cached pages dropped (W11's written bytes depend on
+    /// it, see `FsFile::drop_cache`); a deleted one needs no hint.
+    #[test]
+    fn a_file_entering_the_pool_drops_its_cached_pages() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let pool = Pool::default();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let hinted = |id| -> Arc<dyn FsFile> {
+            Arc::new(Hinted {
+                inner: dead_segment(dir, id),
+                dropped: dropped.clone(),
+            })
+        };
+        assert_eq!(
+            pool.retire(&StdFs, dir, 1, Some(hinted(1)), 0, 1).unwrap(),
+            Some(100)
+        );
+        assert_eq!(dropped.load(Ordering::Relaxed), 1);
+        // No room: deleted, no hint.
+        assert_eq!(
+            pool.retire(&StdFs, dir, 2, Some(hinted(2)), 1, 1).unwrap(),
+            None
+        );
+        assert_eq!(dropped.load(Ordering::Relaxed), 1);
     }
 }

@@ -759,7 +759,10 @@ fn zero_filling_starts_small_and_doubles_with_the_synced_workload() {
     while e.stats().active_segment < 2 {
         write(4096);
         n += 1;
-        assert!(n < 100_000, "no move to a zero-filled segment after {n} synced writes");
+        assert!(
+            n < 100_000,
+            "no move to a zero-filled segment after {n} synced writes"
+        );
     }
     // That segment takes 8 MiB of records, then the next one (zero-filled for 16 MiB) follows.
     let mut moved_after = 0usize;
