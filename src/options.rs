@@ -207,10 +207,14 @@ impl Options {
     /// Whether segments that will serve durable writes are filled with zeros ahead of time,
     /// in the background. fdatasync into blocks that are already written skips the file
     /// system's metadata journal, which roughly halves synced-write latency on ext4; the price
-    /// is writing those segments twice. The engine zero-fills only when it sees fsyncs: the
-    /// segment after one that served a synced (or asynchronous) write, and the one prepared
-    /// when the first fsync lands in a segment that was not zero-filled. A bulk, unsynced load
-    /// writes each byte once. With `false`, space is only reserved (fallocate). Default: true.
+    /// is writing those bytes twice. The engine zero-fills only where that pays: once a segment
+    /// has seen 16 fdatasyncs for waiters covering at most 64 KiB each on average (small
+    /// synced or asynchronous writes; a bulk load, or syncs of large batches, write each byte
+    /// once). The first zero-filled segment holds 8 MiB of records and the writer moves to it
+    /// as soon as it is ready; each next one is twice as long, up to the segment size, so the
+    /// zeros written grow with the workload (a few MiB for a workload that writes a few MiB).
+    /// Recycled segments (see [`Options::recycle_segments`]) are already written and are never
+    /// zero-filled. With `false`, space is only reserved (fallocate). Default: true.
     pub fn prefill_segments(mut self, prefill: bool) -> Self {
         self.prefill_segments = prefill;
         self
