@@ -14,11 +14,19 @@
 //!   Once poisoned, nothing more is acknowledged, even what an in-flight fsync covered.
 //! - No lock of this module is held while a callback runs or while a file is synced. A callback
 //!   that panics is contained: the thread that ran it goes on.
+//! - Only the flusher ever delays a round, and only while every pending waiter is asynchronous:
+//!   if fewer waiters are pending than the previous round covered, it holds the round open
+//!   until that many are, for at most [`COALESCE_WINDOW`], so that a busy engine's rounds stay
+//!   large (fewer fdatasyncs, fewer thread wakeups). A lone writer, or a fixed set of writers
+//!   that each wait for their previous write, is never delayed (the count is already there); a
+//!   parked synced writer ends the wait at once. The wait only comes before the fdatasync:
+//!   nothing is acknowledged any earlier.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -86,6 +94,11 @@ impl Waiter {
     }
 }
 
+/// The longest the flusher holds a sync round open for more asynchronous waiters (see
+/// [`Commit::coalesce_due`]): short against a Raft round trip, long enough for the writers of a
+/// busy engine to bring the round back to the previous one's size.
+pub(crate) const COALESCE_WINDOW: Duration = Duration::from_millis(1);
+
 #[derive(Default)]
 struct State {
     synced: u64,
@@ -93,6 +106,14 @@ struct State {
     /// Waiters in the order they were registered, which is sequence order (registration happens
     /// under the log lock as each group is written).
     waiters: VecDeque<(u64, Waiter)>,
+    /// How many of `waiters` are parked writers (`Waiter::Signal`): a round is never held open
+    /// for them.
+    signal_waiters: usize,
+    /// The flusher holds a round open (see `COALESCE_WINDOW`); a parked writer, or the waiter
+    /// that brings the count to `last_batch`, wakes it.
+    coalescing: bool,
+    /// Waiters the last round that covered any covered: the size a held round waits for.
+    last_batch: usize,
     /// Callbacks found durable by a rotation's fsync, to be fired by the flusher (the rotating
     /// thread holds the log lock, and a callback may write).
     ready_callbacks: Vec<(Callback, bool)>,
@@ -126,17 +147,28 @@ impl State {
         let mut ready = Vec::new();
         while self.waiters.front().is_some_and(|(s, _)| *s <= self.synced) {
             if let Some((_, w)) = self.waiters.pop_front() {
+                if matches!(w, Waiter::Signal(_)) {
+                    self.signal_waiters = self.signal_waiters.saturating_sub(1);
+                }
                 ready.push(w);
             }
         }
         ready
     }
+
+    /// Removes every waiter.
+    fn take_all(&mut self) -> Vec<Waiter> {
+        self.signal_waiters = 0;
+        self.waiters.drain(..).map(|(_, w)| w).collect()
+    }
 }
 
 /// The sync-stage coordinator.
-#[derive(Default)]
 pub(crate) struct Commit {
     state: Mutex<State>,
+    /// How long the flusher may hold a round open for more waiters ([`COALESCE_WINDOW`]; zero
+    /// turns coalescing off).
+    coalesce_window: Duration,
     /// The flusher waits here.
     flusher_cv: Condvar,
     /// Serializes every fdatasync of a segment, so that a sync that returns `Ok` after another
@@ -146,6 +178,12 @@ pub(crate) struct Commit {
     /// poison without taking the state lock. Only a shortcut: every acknowledgement is decided
     /// under the state lock.
     poisoned_flag: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Commit {
+    fn default() -> Self {
+        Commit::with_coalesce_window(COALESCE_WINDOW)
+    }
 }
 
 /// What a sync leader does: make every write group written so far durable.
@@ -174,6 +212,59 @@ impl Drop for SyncingGuard<'_> {
 }
 
 impl Commit {
+    pub(crate) fn with_coalesce_window(window: Duration) -> Self {
+        Commit {
+            state: Mutex::default(),
+            coalesce_window: window,
+            flusher_cv: Condvar::new(),
+            sync_lock: Mutex::new(()),
+            poisoned_flag: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a round should wait for more waiters: some are pending, all asynchronous (a
+    /// parked writer is never delayed), and fewer than the previous round covered. A lone
+    /// writer, or N writers that each wait for their last write before the next, find their
+    /// count already there.
+    fn coalesce_due(&self, st: &State) -> bool {
+        !self.coalesce_window.is_zero()
+            && st.signal_waiters == 0
+            && !st.shutdown
+            && st.poisoned.is_none()
+            && st.pending()
+            && st.waiters.len() < st.last_batch
+    }
+
+    /// Whether a held round should end now.
+    fn coalesce_done(st: &State) -> bool {
+        st.signal_waiters > 0
+            || st.waiters.len() >= st.last_batch
+            || st.poisoned.is_some()
+            || st.shutdown
+    }
+
+    /// Holds the round open (the flusher, `syncing` set) until as many waiters are pending as
+    /// the previous round covered, a parked writer registers, the engine is poisoned or shut
+    /// down, or [`COALESCE_WINDOW`] has passed. Writers that register meanwhile join the round
+    /// (their `kick` does not wake the flusher: `syncing` is set; `register` wakes it when the
+    /// wait is over).
+    fn coalesce(&self, st: &mut parking_lot::MutexGuard<'_, State>) {
+        let deadline = Instant::now() + self.coalesce_window;
+        st.coalescing = true;
+        while !Self::coalesce_done(st) {
+            if self.flusher_cv.wait_until(st, deadline).timed_out() {
+                break;
+            }
+        }
+        st.coalescing = false;
+    }
+
+    /// Whether the flusher holds a round open right now (tests).
+    #[cfg(test)]
+    fn is_coalescing(&self) -> bool {
+        self.state.lock().coalescing
+    }
+
     pub(crate) fn poisoned(&self) -> Option<String> {
         self.state.lock().poisoned.clone()
     }
@@ -291,7 +382,14 @@ impl Commit {
             }
             return;
         }
+        if matches!(waiter, Waiter::Signal(_)) {
+            st.signal_waiters += 1;
+        }
         st.waiters.push_back((seq, waiter));
+        // Exactly the registration that ends a held round wakes the flusher.
+        if st.coalescing && Self::coalesce_done(&st) {
+            self.flusher_cv.notify_all();
+        }
     }
 
     /// Starts the sync stage if waiters are pending and nobody leads it. Returns `true` if the
@@ -320,8 +418,12 @@ impl Commit {
         let mut guard = SyncingGuard(self, true);
         loop {
             let mut st = self.state.lock();
+            // Only the flusher holds a round open (a writer leading one returns to its caller).
+            if background && self.coalesce_due(&st) {
+                self.coalesce(&mut st);
+            }
             if let Some(reason) = st.poisoned.clone() {
-                let all: Vec<Waiter> = st.waiters.drain(..).map(|(_, w)| w).collect();
+                let all = st.take_all();
                 st.syncing = false;
                 st.want_sync = false;
                 guard.1 = false;
@@ -358,13 +460,16 @@ impl Commit {
                         st.synced = durable;
                     }
                     let ready = st.take_ready();
+                    if !ready.is_empty() {
+                        st.last_batch = ready.len();
+                    }
                     if let Some(e) = short {
                         // Not written (disk full): these waiters fail; their writes stay
                         // buffered and become durable with a later sync.
                         short_of = st
-                            .waiters
-                            .drain(..)
-                            .map(|(_, w)| (w, e.to_string()))
+                            .take_all()
+                            .into_iter()
+                            .map(|w| (w, e.to_string()))
                             .collect();
                     }
                     ready
@@ -566,6 +671,174 @@ mod tests {
         c.wait_durable(&sig, &s).unwrap();
         assert_eq!(fired.load(Ordering::SeqCst), 1);
         assert!(c.poisoned().is_none());
+    }
+
+    /// A flusher running on its own thread over a fake syncer, with a long coalescing window
+    /// (never reached by these tests: a held round must end for another reason).
+    struct Flusher {
+        commit: Arc<Commit>,
+        sync: Arc<FakeSync>,
+        thread: Option<std::thread::JoinHandle<()>>,
+        fired: std::sync::mpsc::Receiver<(u64, bool)>,
+        tx: std::sync::mpsc::Sender<(u64, bool)>,
+    }
+
+    const LONG: std::time::Duration = std::time::Duration::from_secs(600);
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
+
+    impl Flusher {
+        /// A flusher, not yet running: waiters registered before [`Flusher::spawn`] make one
+        /// first round.
+        fn new() -> Flusher {
+            let (tx, fired) = std::sync::mpsc::channel();
+            Flusher {
+                commit: Arc::new(Commit::with_coalesce_window(LONG)),
+                sync: Arc::new(fake(0, false)),
+                thread: None,
+                fired,
+                tx,
+            }
+        }
+
+        fn spawn(&mut self) {
+            let (c, s) = (self.commit.clone(), self.sync.clone());
+            self.thread = Some(std::thread::spawn(move || c.run_flusher(&*s)));
+        }
+
+        /// A running flusher whose first round covered `n` waiters.
+        fn after_a_round_of(n: u64) -> Flusher {
+            let mut f = Flusher::new();
+            for seq in 1..=n {
+                f.write_async(seq);
+            }
+            f.spawn();
+            let mut first = f.fired(n as usize);
+            first.sort_unstable();
+            assert_eq!(first, (1..=n).collect::<Vec<_>>());
+            assert_eq!(f.syncs(), 1, "one fdatasync for the first round");
+            f
+        }
+
+        /// Registers a callback for write group `seq` (now written) and kicks the flusher.
+        fn write_async(&self, seq: u64) {
+            self.sync.written.store(seq, Ordering::SeqCst);
+            let tx = self.tx.clone();
+            let cb: Callback = Box::new(move |r| {
+                let _ = tx.send((seq, r.is_ok()));
+            });
+            self.commit.register(seq, Waiter::Callback(cb));
+            self.commit.kick(false);
+        }
+
+        /// The next `n` callbacks (sequence numbers, in order), each of which must report Ok.
+        fn fired(&self, n: usize) -> Vec<u64> {
+            (0..n)
+                .map(|_| {
+                    let (seq, ok) = self.fired.recv_timeout(PATIENCE).expect("a callback fired");
+                    assert!(ok, "callback {seq} reported an error");
+                    seq
+                })
+                .collect()
+        }
+
+        /// Waits until the flusher holds a round open; fails if it never does.
+        fn until_holding(&self) {
+            let until = std::time::Instant::now() + PATIENCE;
+            while !self.commit.is_coalescing() {
+                assert!(
+                    std::time::Instant::now() < until,
+                    "the flusher never held the round open"
+                );
+                std::thread::yield_now();
+            }
+        }
+
+        fn syncs(&self) -> usize {
+            self.sync.syncs.load(Ordering::SeqCst)
+        }
+
+        fn stop(mut self) {
+            self.commit.shutdown();
+            if let Some(t) = self.thread.take() {
+                t.join().expect("the flusher thread ended");
+            }
+        }
+    }
+
+    #[test]
+    fn a_busy_flusher_holds_a_round_until_it_is_as_large_as_the_last() {
+        let f = Flusher::after_a_round_of(3);
+        let after_first = f.syncs();
+        // One waiter: fewer than the last round covered, so the round is held open...
+        f.write_async(4);
+        f.until_holding();
+        assert_eq!(
+            f.syncs(),
+            after_first,
+            "no fdatasync while the round is held"
+        );
+        assert!(
+            f.fired.try_recv().is_err(),
+            "nothing acknowledged before its fdatasync"
+        );
+        // ...until the count the last round had is back: then one fdatasync covers them all.
+        f.write_async(5);
+        f.write_async(6);
+        assert_eq!(f.fired(3), vec![4, 5, 6]);
+        assert_eq!(
+            f.syncs(),
+            after_first + 1,
+            "one fdatasync for the held round"
+        );
+        f.stop();
+    }
+
+    #[test]
+    fn a_lone_writer_is_never_held() {
+        let mut f = Flusher::new();
+        f.spawn();
+        // Each waits for the previous one: every round has exactly the size of the last.
+        for seq in 1..=5 {
+            f.write_async(seq);
+            assert_eq!(
+                f.fired(1),
+                vec![seq],
+                "synced without waiting for the window"
+            );
+        }
+        assert_eq!(f.syncs(), 5);
+        f.stop();
+    }
+
+    #[test]
+    fn a_parked_writer_ends_a_held_round_at_once() {
+        let f = Flusher::after_a_round_of(3);
+        f.write_async(4);
+        f.until_holding();
+        // A synced writer (parked thread) is never delayed by the window.
+        f.sync.written.store(5, Ordering::SeqCst);
+        let sig = Arc::new(Signal::default());
+        f.commit.register(5, Waiter::Signal(sig.clone()));
+        let (c, s) = (f.commit.clone(), f.sync.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(c.wait_durable(&sig, &*s).is_ok());
+        });
+        assert_eq!(rx.recv_timeout(PATIENCE), Ok(true));
+        assert_eq!(f.fired(1), vec![4]);
+        f.stop();
+    }
+
+    #[test]
+    fn shutdown_ends_a_held_round_and_acknowledges_after_the_sync() {
+        let f = Flusher::after_a_round_of(3);
+        let before = f.syncs();
+        f.write_async(4);
+        f.until_holding();
+        f.commit.shutdown();
+        assert_eq!(f.fired(1), vec![4]);
+        assert_eq!(f.syncs(), before + 1);
+        f.stop();
     }
 
     #[test]

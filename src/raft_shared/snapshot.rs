@@ -468,8 +468,87 @@ impl SnapshotStore {
     /// # Errors
     ///
     /// As [`SnapshotStore::load`], and [`SnapshotError::Closed`] if the worker threads are gone.
+    ///
+    /// A group with no snapshot is answered at once, from memory (no file to read, no worker
+    /// thread woken): what every group of a new node asks when it starts.
     pub async fn load_async(&self, group: u64) -> Result<Option<StoredSnapshot>, SnapshotError> {
+        if !self.inner.latest.lock().contains_key(&group) {
+            return Ok(None);
+        }
         let store = self.clone();
         self.run(move || store.load(group)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    #[test]
+    fn loading_a_group_without_snapshot_needs_no_worker() -> Result<(), SnapshotError> {
+        let dir = tempfile::tempdir().map_err(|e| SnapshotError::io("tempdir", e))?;
+        let store = SnapshotStore::open(dir.path())?;
+        store.save(1, b"meta", b"data")?;
+        // Occupy every worker thread until released.
+        let (release, gate) = mpsc::channel::<()>();
+        let gate = Arc::new(std::sync::Mutex::new(gate));
+        let (started_tx, started) = mpsc::channel::<()>();
+        let mut blockers = Vec::new();
+        for _ in 0..DEFAULT_WORKERS {
+            let (gate, started_tx) = (gate.clone(), started_tx.clone());
+            let mut job = Box::pin(store.run(move || {
+                let _ = started_tx.send(());
+                if let Ok(g) = gate.lock() {
+                    let _ = g.recv();
+                }
+                Ok(())
+            }));
+            // Polled once: the job is queued.
+            assert!((&mut job).now_or_never().is_none());
+            blockers.push(job);
+        }
+        for _ in 0..DEFAULT_WORKERS {
+            started
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .map_err(|_| SnapshotError::Closed)?;
+        }
+        // Every worker is busy: a group without snapshot is still answered at once...
+        let none = store.load_async(2).now_or_never();
+        assert!(matches!(none, Some(Ok(None))), "answered without a worker");
+        // ...while one with a snapshot goes to a worker.
+        let mut some = Box::pin(store.load_async(1));
+        assert!(
+            (&mut some).now_or_never().is_none(),
+            "a file read waits for a worker"
+        );
+        for _ in 0..DEFAULT_WORKERS {
+            let _ = release.send(());
+        }
+        let loaded = block_on(some)?.map(|s| s.data);
+        assert_eq!(loaded.as_deref(), Some(&b"data"[..]));
+        for job in blockers {
+            block_on(job)?;
+        }
+        Ok(())
+    }
+
+    /// Polls `fut` to completion on this thread (parks between polls).
+    fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+        struct Unpark(std::thread::Thread);
+        impl std::task::Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                return v;
+            }
+            std::thread::park();
+        }
     }
 }
