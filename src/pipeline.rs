@@ -31,8 +31,9 @@
 //!   [`PREFILL_MAX_BYTES_PER_SYNC`] each on average: each zero byte is written twice, and what
 //!   it saves is a metadata journal commit per fdatasync). The first zero-filled segment is
 //!   [`PREFILL_FIRST`] long, each next one twice as long as the one before, up to the segment
-//!   size: a segment's data limit (`LogWriter::limit`) is what was zero-filled for it, so a
-//!   workload that writes a few MiB zero-fills a few MiB, not whole segments.
+//!   size: a segment's data limit (`LogWriter::limit`) is what was zero-filled for it. The next
+//!   zero-filled segment is prepared once a quarter of the active one is used, so a workload
+//!   that writes a few MiB zero-fills a few MiB, not whole segments.
 //! - On a full disk a batch that only frees space (purge, truncate, remove group) can still be
 //!   written: every segment keeps a *freeing reserve* (a quarter of the segment size, 4 KiB to
 //!   1 MiB) beyond what other batches may use, and such a batch may also go past the segment
@@ -601,9 +602,11 @@ impl Inner {
             placed.push((i, log.segment, log.offset));
             log.offset += len;
         }
-        // The next segment is prepared once this one is half full (zero-filled if this one
-        // serves a synced workload that zero-filling pays for).
-        if log.next.is_none() && log.offset >= log.limit / 2 {
+        // The next segment is prepared once this one is half full, or a quarter full if this
+        // one is zero-filled (the next one is then zero-filled for twice as many bytes, if this
+        // one serves a synced workload that zero-filling pays for, and has time to be).
+        let due = log.limit / if log.prefilled { 4 } else { 2 };
+        if log.next.is_none() && log.offset >= due {
             log.await_pool = false;
             let prefill = self
                 .wants_prefill(&log)
@@ -1098,11 +1101,13 @@ impl Inner {
         self.flushed
             .store(pack_flushed(next_id, SEGMENT_HEADER_LEN), Ordering::Release);
         // The segment after it: if the sealed one served a synced workload that zero-filling
-        // pays for, it is zero-filled now, one segment ahead (a zero-fill started later is often
-        // cancelled by the rotation), for twice this one's limit if this one is zero-filled (see
-        // `next_prefill_limit`); otherwise it is prepared once this one is half full (see
-        // `write_group`), zero-filled only if this one serves such a workload by then. A bulk,
-        // unsynced load gains nothing from zero-filling and would write every byte twice.
+        // pays for and this one is not zero-filled, it is zero-filled now (and the writer moves
+        // to it once it is ready, see `write_group`). If this one is zero-filled, the next one
+        // (for twice as many bytes, see `next_prefill_limit`) waits until a quarter of this one
+        // is used: a workload that stops early (an election storm writes a few MiB) zero-fills
+        // no more than it used. Otherwise the next one is prepared once this one is half full,
+        // zero-filled only if this one serves such a workload by then. A bulk, unsynced load
+        // gains nothing from zero-filling and would write every byte twice.
         //
         // With recycling, a GC armed by this rotation is about to put a dead segment's file in
         // the pool: the next segment is then prepared at half full, from that file, instead of
@@ -1118,7 +1123,7 @@ impl Inner {
         };
         log.await_pool =
             self.opts.recycle_segments > 0 && job.is_some() && self.pool.usage().0 == 0;
-        if synced_workload && !log.await_pool {
+        if synced_workload && !log.await_pool && !log.prefilled {
             let limit = self.next_prefill_limit(log);
             log.next = Some(self.prepare(next_id + 1, Some(limit)));
         }
