@@ -238,9 +238,9 @@ pub(crate) struct LogWriter {
 #[derive(Default)]
 pub(crate) struct Scratch {
     /// Ranges the group's members leave, for validation.
-    overlay: Vec<(u64, Range)>,
+    overlay: RangeMap,
     /// One member's ranges, for validation.
-    mine: Vec<(u64, Range)>,
+    mine: RangeMap,
     /// Placed members: (member, segment, offset).
     placed: Vec<(usize, u64, u64)>,
     /// Ops to apply, by shard: (shard, placed member, op).
@@ -249,13 +249,17 @@ pub(crate) struct Scratch {
     slack_charged: Vec<bool>,
 }
 
+/// Entry ranges by group, for validation: hashed, so that a write group of many members, or a
+/// batch touching many groups, is validated in time linear in its ops.
+type RangeMap = std::collections::HashMap<u64, Range, foldhash::fast::RandomState>;
+
 /// Validates one batch against the index and the ranges earlier members of its write group
 /// leave (`overlay`); on success `overlay` includes this batch's effects.
 fn validate(
     groups: &Groups,
     batch: &WriteBatch,
-    overlay: &mut Vec<(u64, Range)>,
-    mine: &mut Vec<(u64, Range)>,
+    overlay: &mut RangeMap,
+    mine: &mut RangeMap,
 ) -> Result<()> {
     if let Some(e) = batch.too_large() {
         return Err(e);
@@ -264,7 +268,7 @@ fn validate(
     for &(group, version) in &batch.expect_version {
         // An earlier member of this write group may have written the group without being
         // applied yet: the version alone would not show it.
-        let touched = overlay.iter().any(|(g, _)| *g == group);
+        let touched = overlay.contains_key(&group);
         let now = groups.read(group, |g| g.version);
         if touched || now != Some(version) {
             return Err(Error::GroupChanged { group });
@@ -272,30 +276,20 @@ fn validate(
     }
     for op in &batch.ops {
         let group = op.group();
-        let at = match mine.iter().position(|(g, _)| *g == group) {
-            Some(i) => i,
-            None => {
-                let range = overlay
-                    .iter()
-                    .rev()
-                    .find(|(g, _)| *g == group)
-                    .map(|(_, r)| *r)
-                    .or_else(|| groups.read(group, |g| g.entries.range()))
-                    .unwrap_or_default();
-                mine.push((group, range));
-                mine.len() - 1
-            }
-        };
-        let Some((_, range)) = mine.get_mut(at) else {
-            continue;
-        };
+        let range = mine.entry(group).or_insert_with(|| {
+            overlay
+                .get(&group)
+                .copied()
+                .or_else(|| groups.read(group, |g| g.entries.range()))
+                .unwrap_or_default()
+        });
         let count = match op {
             Op::Append { spans, .. } => spans.len() as u64,
             _ => 0,
         };
         range.apply(op, count).map_err(|e| e.into_error(group))?;
     }
-    overlay.append(mine);
+    overlay.extend(mine.drain());
     Ok(())
 }
 
@@ -1162,12 +1156,12 @@ mod tests {
             .shard(1)
             .write()
             .insert(1, crate::index::Group::default());
-        assert!(validate(&groups, &rewrite, &mut Vec::new(), &mut Vec::new()).is_ok());
+        assert!(validate(&groups, &rewrite, &mut RangeMap::default(), &mut RangeMap::default()).is_ok());
         // ...but not behind an unapplied owner write to the same group in one write group.
-        let mut overlay = Vec::new();
-        validate(&groups, &owner, &mut overlay, &mut Vec::new()).unwrap();
+        let mut overlay = RangeMap::default();
+        validate(&groups, &owner, &mut overlay, &mut RangeMap::default()).unwrap();
         assert!(matches!(
-            validate(&groups, &rewrite, &mut overlay, &mut Vec::new()),
+            validate(&groups, &rewrite, &mut overlay, &mut RangeMap::default()),
             Err(Error::GroupChanged { .. })
         ));
     }
