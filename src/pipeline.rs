@@ -1156,7 +1156,13 @@ mod tests {
             .shard(1)
             .write()
             .insert(1, crate::index::Group::default());
-        assert!(validate(&groups, &rewrite, &mut RangeMap::default(), &mut RangeMap::default()).is_ok());
+        assert!(validate(
+            &groups,
+            &rewrite,
+            &mut RangeMap::default(),
+            &mut RangeMap::default()
+        )
+        .is_ok());
         // ...but not behind an unapplied owner write to the same group in one write group.
         let mut overlay = RangeMap::default();
         validate(&groups, &owner, &mut overlay, &mut RangeMap::default()).unwrap();
