@@ -251,6 +251,10 @@ impl Commit {
     fn coalesce(&self, st: &mut parking_lot::MutexGuard<'_, State>) {
         let deadline = Instant::now() + self.coalesce_window;
         st.coalescing = true;
+        // Wakes a test parked in `wait_until_coalescing` (the flusher is this thread, and no
+        // other thread waits on this condition variable).
+        #[cfg(test)]
+        self.flusher_cv.notify_all();
         while !Self::coalesce_done(st) {
             if self.flusher_cv.wait_until(st, deadline).timed_out() {
                 break;
@@ -259,10 +263,18 @@ impl Commit {
         st.coalescing = false;
     }
 
-    /// Whether the flusher holds a round open right now (tests).
+    /// Parks until the flusher holds a round open, at most `timeout`; returns whether it does
+    /// (tests).
     #[cfg(test)]
-    fn is_coalescing(&self) -> bool {
-        self.state.lock().coalescing
+    fn wait_until_coalescing(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock();
+        while !st.coalescing {
+            if self.flusher_cv.wait_until(&mut st, deadline).timed_out() {
+                return st.coalescing;
+            }
+        }
+        true
     }
 
     pub(crate) fn poisoned(&self) -> Option<String> {
@@ -741,16 +753,12 @@ mod tests {
                 .collect()
         }
 
-        /// Waits until the flusher holds a round open; fails if it never does.
+        /// Waits (parked) until the flusher holds a round open; fails if it never does.
         fn until_holding(&self) {
-            let until = std::time::Instant::now() + PATIENCE;
-            while !self.commit.is_coalescing() {
-                assert!(
-                    std::time::Instant::now() < until,
-                    "the flusher never held the round open"
-                );
-                std::thread::yield_now();
-            }
+            assert!(
+                self.commit.wait_until_coalescing(PATIENCE),
+                "the flusher never held the round open"
+            );
         }
 
         fn syncs(&self) -> usize {

@@ -198,8 +198,8 @@ impl Prepared {
 pub(crate) struct Preparing {
     id: u64,
     handle: JoinHandle<Result<Prepared>>,
-    /// The data limit it is being zero-filled for (`None`: it is not).
-    prefill: Option<u64>,
+    /// Whether it is being zero-filled.
+    prefill: bool,
     /// Stops a zero-fill between chunks (a rotation does not wait for it).
     cancel: Arc<AtomicBool>,
 }
@@ -528,7 +528,7 @@ impl Inner {
                 && log
                     .next
                     .as_ref()
-                    .is_some_and(|n| n.prefill.is_some() && n.handle.is_finished());
+                    .is_some_and(|n| n.prefill && n.handle.is_finished());
             if full || upgrade {
                 // The members placed so far go to the index first, so that the run counts the
                 // rotation reads for GC include them.
@@ -908,7 +908,7 @@ impl Inner {
         Preparing {
             id,
             handle,
-            prefill,
+            prefill: prefill.is_some(),
             cancel,
         }
     }
@@ -928,7 +928,7 @@ impl Inner {
                     segment_size,
                 ))
             }),
-            prefill: None,
+            prefill: false,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -961,9 +961,7 @@ impl Inner {
     /// moves to it as soon as that is done (see `write_group`).
     fn note_sync(&self, log: &mut LogWriter) {
         log.syncs_in_segment = log.syncs_in_segment.saturating_add(1);
-        if log.prefilled
-            || log.next.as_ref().is_some_and(|n| n.prefill.is_some())
-            || !self.wants_prefill(log)
+        if log.prefilled || log.next.as_ref().is_some_and(|n| n.prefill) || !self.wants_prefill(log)
         {
             return;
         }
@@ -1006,7 +1004,7 @@ impl Inner {
         log.next = Some(Preparing {
             id,
             handle,
-            prefill: Some(limit),
+            prefill: true,
             cancel,
         });
     }

@@ -269,6 +269,19 @@ pub(crate) fn zero_fill_range(
     Ok(off)
 }
 
+/// The start of a recycled segment as the engine writes it (tests): the header with
+/// [`FLAG_RECYCLED`], `records`, the terminator; and the offset where the records end.
+#[cfg(test)]
+pub(crate) fn recycled_image(id: u64, records: &[Vec<u8>]) -> (Vec<u8>, u64) {
+    let mut data = encode_header_flags(id, FLAG_RECYCLED).to_vec();
+    for r in records {
+        data.extend_from_slice(r);
+    }
+    let end = data.len() as u64;
+    data.extend_from_slice(&[0; TERMINATOR_LEN as usize]);
+    (data, end)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -763,13 +763,7 @@ mod tests {
     /// A recycled segment (flag set) holding `records`, the terminator, then stale bytes of
     /// the file's previous segment `old`.
     fn write_recycled(dir: &Path, id: u64, records: &[Vec<u8>], old: u64) -> u64 {
-        let mut data =
-            crate::segment::encode_header_flags(id, crate::segment::FLAG_RECYCLED).to_vec();
-        for r in records {
-            data.extend_from_slice(r);
-        }
-        let end = data.len() as u64;
-        data.extend_from_slice(&[0; crate::segment::TERMINATOR_LEN as usize]);
+        let (mut data, end) = crate::segment::recycled_image(id, records);
         for i in 0..20 {
             data.extend_from_slice(&append_record(old, 5, 1 + i * 3, 3));
         }

@@ -671,13 +671,7 @@ mod tests {
             stale.extend_from_slice(&rec);
         }
         stale.extend_from_slice(&encode_sync_marker(old, marker(40)));
-        let mut data =
-            crate::segment::encode_header_flags(id, crate::segment::FLAG_RECYCLED).to_vec();
-        for r in records {
-            data.extend_from_slice(r);
-        }
-        let end = data.len() as u64;
-        data.extend_from_slice(&[0; crate::segment::TERMINATOR_LEN as usize]);
+        let (mut data, end) = crate::segment::recycled_image(id, records);
         if stale.len() > data.len() {
             data.extend_from_slice(&stale[data.len()..]);
         }

@@ -209,6 +209,18 @@ fn short(b: &[u8]) -> String {
     }
 }
 
+/// Runs `script` on `e` with no crash, each step expected to succeed; `on_gc` sees every GC
+/// report (the tests that prove a workload exercises what their explorer then crashes).
+pub fn replay(e: &Engine, script: &Script, mut on_gc: impl FnMut(multiraft_wal::GcReport)) {
+    for step in &script.steps {
+        match step {
+            Step::Write { ops, .. } => e.write(to_batch(ops)).unwrap(),
+            Step::Sync => e.sync().unwrap(),
+            Step::Gc => on_gc(e.gc().unwrap()),
+        }
+    }
+}
+
 /// Builds the engine batch for a list of model operations.
 pub fn to_batch(ops: &[MOp]) -> WriteBatch {
     let mut b = WriteBatch::new();

@@ -684,20 +684,29 @@ fn rotation_deletes_dead_segments_without_an_explicit_gc() {
     assert_eq!(e.entry(1, 395).unwrap(), Some(vec![395u64 as u8; 1000]));
 }
 
+/// An engine on real files, zero-fill on, with `segment_size` (or the default), and the count
+/// of bytes written to its files.
+fn counting_engine(dir: &Path, segment_size: Option<u64>) -> (Engine, Arc<AtomicUsize>) {
+    let fs = Arc::new(FailingSync::default());
+    let written = fs.written.clone();
+    let mut opts = Options::default().prefill_segments(true).file_system(fs);
+    if let Some(size) = segment_size {
+        opts = opts.segment_size(size);
+    }
+    (Engine::open(dir, opts).unwrap(), written)
+}
+
+/// `bytes` pseudo-random bytes from `seed`: compression would shrink repeated ones.
+fn random_entry(seed: u64, bytes: usize) -> Vec<u8> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..bytes).map(|_| rng.gen::<u8>()).collect()
+}
+
 #[test]
 fn segments_are_zero_filled_only_for_synced_workloads() {
     let dir = tempfile::tempdir().unwrap();
-    let fs = Arc::new(FailingSync::default());
-    let written = fs.written.clone();
     let seg = 64 << 10;
-    let e = Engine::open(
-        dir.path(),
-        Options::default()
-            .segment_size(seg)
-            .prefill_segments(true)
-            .file_system(fs),
-    )
-    .unwrap();
+    let (e, written) = counting_engine(dir.path(), Some(seg));
     // A bulk, unsynced load of 1 MiB over ~16 segments: nothing is zero-filled.
     let payload = 1usize << 20;
     for i in 0..256u64 {
@@ -734,22 +743,13 @@ fn zero_filling_starts_small_and_doubles_with_the_synced_workload() {
     // MiB, not whole segments. Before, the first zero-filled segment was a whole 128 MiB one
     // (and the writer moved to it only once it was done), and so was the one after it.
     let dir = tempfile::tempdir().unwrap();
-    let fs = Arc::new(FailingSync::default());
-    let written = fs.written.clone();
-    let e = Engine::open(
-        dir.path(),
-        Options::default().prefill_segments(true).file_system(fs),
-    )
-    .unwrap();
+    let (e, written) = counting_engine(dir.path(), None);
     let mut payload = 0usize;
     let mut index = 0u64;
     let mut write = |bytes: usize| {
         index += 1;
         let mut b = WriteBatch::new();
-        // Random bytes: compression would shrink repeated ones.
-        let mut rng = StdRng::seed_from_u64(index);
-        let entry: Vec<u8> = (0..bytes).map(|_| rng.gen::<u8>()).collect();
-        b.append(1, index, [entry]);
+        b.append(1, index, [random_entry(index, bytes)]);
         e.write(b).unwrap();
         payload += bytes;
     };
@@ -795,25 +795,13 @@ fn segments_are_not_zero_filled_when_fdatasyncs_cover_many_bytes() {
     // Each fdatasync covers 256 KiB: zero-filling would write every byte twice to save one
     // journal commit per 256 KiB, which does not pay (`PREFILL_MAX_BYTES_PER_SYNC`).
     let dir = tempfile::tempdir().unwrap();
-    let fs = Arc::new(FailingSync::default());
-    let written = fs.written.clone();
     // 64 writes per segment: the previous rule (zero-fill after 16 fsyncs in a segment)
     // zero-filled from the first segment on.
-    let seg = 16u64 << 20;
-    let e = Engine::open(
-        dir.path(),
-        Options::default()
-            .segment_size(seg)
-            .prefill_segments(true)
-            .file_system(fs),
-    )
-    .unwrap();
+    let (e, written) = counting_engine(dir.path(), Some(16 << 20));
     let payload = 64usize << 20;
     for i in 0..(payload >> 18) as u64 {
         let mut b = WriteBatch::new();
-        let mut rng = StdRng::seed_from_u64(i);
-        let entry: Vec<u8> = (0..256 << 10).map(|_| rng.gen::<u8>()).collect();
-        b.append(1, i + 1, [entry]);
+        b.append(1, i + 1, [random_entry(i, 256 << 10)]);
         e.write(b).unwrap();
     }
     assert!(e.stats().active_segment >= 4);

@@ -480,24 +480,17 @@ fn gc_crash_at_every_io_point_of_rewrites_and_mid_segment_checkpoints() {
     let fs = SimFs::new();
     let e = Engine::open(DIR, sim_options(&fs, false)).unwrap();
     let (mut rewrites, mut mid_segment) = (0, 0);
-    for step in &script.steps {
-        match step {
-            Step::Write { ops, .. } => e.write(crate::crash_explorer::to_batch(ops)).unwrap(),
-            Step::Sync => e.sync().unwrap(),
-            Step::Gc => {
-                let r = e.gc().unwrap();
-                rewrites += r.rewritten_groups.len();
-                if !r.deleted_segments.is_empty() {
-                    let c = fs
-                        .read_file(&Path::new(DIR).join("CHECKPOINT"))
-                        .expect("a checkpoint");
-                    let offset = u64::from_le_bytes(c[24..32].try_into().unwrap());
-                    assert_eq!(u32::from_le_bytes(c[8..12].try_into().unwrap()), 2);
-                    mid_segment += usize::from(offset > 32);
-                }
-            }
+    crate::crash_explorer::replay(&e, &script, |r| {
+        rewrites += r.rewritten_groups.len();
+        if !r.deleted_segments.is_empty() {
+            let c = fs
+                .read_file(&Path::new(DIR).join("CHECKPOINT"))
+                .expect("a checkpoint");
+            let offset = u64::from_le_bytes(c[24..32].try_into().unwrap());
+            assert_eq!(u32::from_le_bytes(c[8..12].try_into().unwrap()), 2);
+            mid_segment += usize::from(offset > 32);
         }
-    }
+    });
     drop(e);
     assert!(rewrites >= 2, "the workload rewrote {rewrites} groups");
     assert!(mid_segment >= 2, "{mid_segment} mid-segment checkpoints");

@@ -312,13 +312,7 @@ fn recycle_crash_at_every_io_point_of_a_workload_through_recycled_segments() {
     for prefill in [false, true] {
         let fs = SimFs::new();
         let e = Engine::open(DIR, sim_options(&fs, prefill)).unwrap();
-        for step in &script.steps {
-            match step {
-                Step::Write { ops, .. } => e.write(crate::crash_explorer::to_batch(ops)).unwrap(),
-                Step::Sync => e.sync().unwrap(),
-                Step::Gc => drop(e.gc().unwrap()),
-            }
-        }
+        crate::crash_explorer::replay(&e, &script, drop);
         let stats = e.stats();
         drop(e);
         println!("prefill {prefill}: {stats:?}");
