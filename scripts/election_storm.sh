@@ -19,6 +19,9 @@
 #   DATA_DIR         where the nodes keep their data       (default: <repo>/storm-data; relative paths are from the caller's directory, wiped)
 #   PORT_BASE        node i listens on PORT_BASE + i       (default: 9100)
 #   NODE_ARGS        extra node arguments, e.g. "--heartbeat-ms 250"
+#   ROUNDS           rounds of all MODES; the order of the modes alternates between rounds,
+#                    and with more than one round the medians and the engine / memory ratio of
+#                    the first-election times are printed at the end (default: 1)
 set -euo pipefail
 
 CALLER=$PWD
@@ -32,6 +35,7 @@ DATA_DIR=${DATA_DIR:-$ROOT/storm-data}
 [[ $DATA_DIR == /* ]] || DATA_DIR=$CALLER/$DATA_DIR
 PORT_BASE=${PORT_BASE:-9100}
 read -r -a NODE_EXTRA <<<"${NODE_ARGS:-}"
+ROUNDS=${ROUNDS:-1}
 
 cargo build --release --example cluster 2>&1 | tail -1
 BIN=$ROOT/target/release/examples/cluster
@@ -79,7 +83,15 @@ rss_mib() { awk '/VmRSS/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
 results=()
-for mode in $MODES; do
+declare -A FIRSTS CPUS
+read -r -a MODE_LIST <<<"$MODES"
+for ((round = 1; round <= ROUNDS; round++)); do
+order=("${MODE_LIST[@]}")
+if ((round % 2 == 0)); then # alternate which mode goes first
+  order=()
+  for ((k = ${#MODE_LIST[@]} - 1; k >= 0; k--)); do order+=("${MODE_LIST[$k]}"); done
+fi
+for mode in "${order[@]}"; do
   rm -rf "$DATA_DIR"
   mkdir -p "$DATA_DIR"
   flag=""
@@ -115,11 +127,25 @@ for mode in $MODES; do
     restart=$(since "$t1")
   fi
   stop_nodes KILL
-  line="$mode: groups/node $GROUPS_PER_NODE | first election ${first} s (${elect_cpu} CPU-s, 3 nodes) | RSS/node ${rss[*]} MiB (avg ${rss_avg}, ${per_group_kib} KiB/group) | idle CPU, 3 nodes ${idle} cores | after kill -9 of all: ${restart} s"
+  FIRSTS[$mode]+="$first "
+  CPUS[$mode]+="$elect_cpu "
+  line="round $round/$ROUNDS, $mode: groups/node $GROUPS_PER_NODE | first election ${first} s (${elect_cpu} CPU-s, 3 nodes) | RSS/node ${rss[*]} MiB (avg ${rss_avg}, ${per_group_kib} KiB/group) | idle CPU, 3 nodes ${idle} cores | after kill -9 of all: ${restart} s"
   echo "$line"
   results+=("$line")
 done
+done
+
+median() { tr ' ' '\n' | awk 'NF' | sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) exit; m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2; printf "%.2f", m }'; }
 
 echo
 echo "== election storm, $(nproc) cores, NODE_ARGS='${NODE_ARGS:-}' =="
 printf '%s\n' "${results[@]}"
+if ((ROUNDS > 1)); then
+  for mode in "${MODE_LIST[@]}"; do
+    echo "$mode, median of $ROUNDS rounds: first election $(median <<<"${FIRSTS[$mode]}") s (${FIRSTS[$mode]% }), $(median <<<"${CPUS[$mode]}") CPU-s"
+  done
+  if [[ -n "${FIRSTS[engine]:-}" && -n "${FIRSTS[memory]:-}" ]]; then
+    awk -v e="$(median <<<"${FIRSTS[engine]}")" -v m="$(median <<<"${FIRSTS[memory]}")" \
+      'BEGIN { printf "first election, engine / in-memory (medians): %.2fx\n", e / m }'
+  fi
+fi
