@@ -86,53 +86,53 @@ results=()
 declare -A FIRSTS CPUS
 read -r -a MODE_LIST <<<"$MODES"
 for ((round = 1; round <= ROUNDS; round++)); do
-order=("${MODE_LIST[@]}")
-if ((round % 2 == 0)); then # alternate which mode goes first
-  order=()
-  for ((k = ${#MODE_LIST[@]} - 1; k >= 0; k--)); do order+=("${MODE_LIST[$k]}"); done
-fi
-for mode in "${order[@]}"; do
-  rm -rf "$DATA_DIR"
-  mkdir -p "$DATA_DIR"
-  flag=""
-  [[ $mode == memory ]] && flag="--memory-log"
-
-  t0=$(now)
-  start_nodes "$flag"
-  wait_leaders
-  first=$(since "$t0")
-  elect_ticks=0
-  for i in 1 2 3; do elect_ticks=$((elect_ticks + $(cpu_ticks "${PID[$i]}"))); done
-  elect_cpu=$(awk -v t="$elect_ticks" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
-
-  # Let leadership transfers and catch-up settle before measuring memory and idle CPU.
-  sleep 5
-  rss=()
-  for i in 1 2 3; do rss+=("$(rss_mib "${PID[$i]}")"); done
-  before=0
-  for i in 1 2 3; do before=$((before + $(cpu_ticks "${PID[$i]}"))); done
-  sleep "$IDLE_S"
-  after=0
-  for i in 1 2 3; do after=$((after + $(cpu_ticks "${PID[$i]}"))); done
-  idle=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v s="$IDLE_S" 'BEGIN { printf "%.2f", t / hz / s }')
-  rss_avg=$(( (rss[0] + rss[1] + rss[2]) / 3 ))
-  per_group_kib=$(awk -v m="$rss_avg" -v g="$GROUPS_PER_NODE" 'BEGIN { printf "%.1f", m * 1024 / g }')
-
-  restart="n/a"
-  if [[ $mode == engine ]]; then
-    stop_nodes KILL
-    t1=$(now)
-    start_nodes ""
-    wait_leaders
-    restart=$(since "$t1")
+  order=("${MODE_LIST[@]}")
+  if ((round % 2 == 0)); then # alternate which mode goes first
+    order=()
+    for ((k = ${#MODE_LIST[@]} - 1; k >= 0; k--)); do order+=("${MODE_LIST[$k]}"); done
   fi
-  stop_nodes KILL
-  FIRSTS[$mode]+="$first "
-  CPUS[$mode]+="$elect_cpu "
-  line="round $round/$ROUNDS, $mode: groups/node $GROUPS_PER_NODE | first election ${first} s (${elect_cpu} CPU-s, 3 nodes) | RSS/node ${rss[*]} MiB (avg ${rss_avg}, ${per_group_kib} KiB/group) | idle CPU, 3 nodes ${idle} cores | after kill -9 of all: ${restart} s"
-  echo "$line"
-  results+=("$line")
-done
+  for mode in "${order[@]}"; do
+    rm -rf "$DATA_DIR"
+    mkdir -p "$DATA_DIR"
+    flag=""
+    [[ $mode == memory ]] && flag="--memory-log"
+
+    t0=$(now)
+    start_nodes "$flag"
+    wait_leaders
+    first=$(since "$t0")
+    elect_ticks=0
+    for i in 1 2 3; do elect_ticks=$((elect_ticks + $(cpu_ticks "${PID[$i]}"))); done
+    elect_cpu=$(awk -v t="$elect_ticks" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
+
+    # Let leadership transfers and catch-up settle before measuring memory and idle CPU.
+    sleep 5
+    rss=()
+    for i in 1 2 3; do rss+=("$(rss_mib "${PID[$i]}")"); done
+    before=0
+    for i in 1 2 3; do before=$((before + $(cpu_ticks "${PID[$i]}"))); done
+    sleep "$IDLE_S"
+    after=0
+    for i in 1 2 3; do after=$((after + $(cpu_ticks "${PID[$i]}"))); done
+    idle=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v s="$IDLE_S" 'BEGIN { printf "%.2f", t / hz / s }')
+    rss_avg=$(( (rss[0] + rss[1] + rss[2]) / 3 ))
+    per_group_kib=$(awk -v m="$rss_avg" -v g="$GROUPS_PER_NODE" 'BEGIN { printf "%.1f", m * 1024 / g }')
+
+    restart="n/a"
+    if [[ $mode == engine ]]; then
+      stop_nodes KILL
+      t1=$(now)
+      start_nodes ""
+      wait_leaders
+      restart=$(since "$t1")
+    fi
+    stop_nodes KILL
+    FIRSTS[$mode]+="$first "
+    CPUS[$mode]+="$elect_cpu "
+    line="round $round/$ROUNDS, $mode: groups/node $GROUPS_PER_NODE | first election ${first} s (${elect_cpu} CPU-s, 3 nodes) | RSS/node ${rss[*]} MiB (avg ${rss_avg}, ${per_group_kib} KiB/group) | idle CPU, 3 nodes ${idle} cores | after kill -9 of all: ${restart} s"
+    echo "$line"
+    results+=("$line")
+  done
 done
 
 median() { tr ' ' '\n' | awk 'NF' | sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) exit; m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2; printf "%.2f", m }'; }
